@@ -1,0 +1,31 @@
+# Two entry points for a fresh machine: `make bench` and `make test`. Both create .venv and
+# install what they need (torch 2.14.1 comes from local disk on the dev machines).
+PY        ?= python3
+VENV      ?= .venv
+VPY       := $(VENV)/bin/python
+TORCH     ?= torch==2.14.1
+export MAX_JOBS ?= 2
+# nvcc on PATH may be a wrapper: point the build at the real toolkit when there is one.
+export CUDA_HOME ?= $(shell test -x /usr/local/cuda/bin/nvcc && echo /usr/local/cuda)
+
+.PHONY: venv install test bench clean
+
+$(VPY):
+	$(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q "$(TORCH)" numpy pytest expecttest ninja setuptools wheel
+
+venv: $(VPY)
+
+# Editable install: ninja keeps its build folder, so a rebuild only compiles what changed.
+install: $(VPY)
+	$(VPY) -m pip install -q --no-build-isolation -e .
+
+test: install
+	$(VPY) -m pytest -q tests
+
+bench: install
+	$(VPY) benchmarks/bench_layers.py
+
+clean:
+	rm -rf build *.egg-info fused_backprop/*.so

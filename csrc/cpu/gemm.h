@@ -1,0 +1,86 @@
+// Row-major GEMM on raw pointers for the CPU kernels: C = A·B (+ C when accumulate), where each
+// operand may be stored transposed. float and double go straight to the BLAS that ATen itself
+// uses (MKL's sgemm_/dgemm_, resolved weakly: a torch build without them falls back to at::mm);
+// bfloat16 goes through at::mm (oneDNN, fp32 accumulation). Calling BLAS directly avoids the
+// dispatcher and tensor allocations per row panel, which matter at small K and N.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cstdint>
+
+extern "C" {
+void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*, const int*,
+            const float*, const int*, const float*, float*, const int*) __attribute__((weak));
+void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*, const double*,
+            const int*, const double*, const int*, const double*, double*, const int*) __attribute__((weak));
+}
+
+namespace fused_backprop::cpu {
+
+// A row-major operand: element (i, j) of op(A) is at data[i * ld + j], or data[j * ld + i] when
+// transposed.
+template <typename T>
+struct Mat {
+  const T* data;
+  int64_t ld;
+  bool trans = false;
+};
+
+namespace detail {
+
+template <typename T>
+at::Tensor as_tensor(const T* data, int64_t rows, int64_t cols, int64_t ld, bool trans) {
+  // op(A) is rows x cols; stored transposed it is the transpose of a cols x rows matrix.
+  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  auto* p = const_cast<T*>(data);
+  if (trans) return at::from_blob(p, {cols, rows}, {ld, 1}, opts).t();
+  return at::from_blob(p, {rows, cols}, {ld, 1}, opts);
+}
+
+inline bool fits_int(int64_t v) { return v <= INT32_MAX; }
+
+}  // namespace detail
+
+// C (m x n, leading dim ldc) = op(A) (m x k) · op(B) (k x n), plus C's old value if accumulate.
+template <typename T>
+void gemm(int64_t m, int64_t n, int64_t k, Mat<T> a, Mat<T> b, T* c, int64_t ldc, bool accumulate = false) {
+  if (m == 0 || n == 0) return;
+  if (k == 0) {
+    if (!accumulate) {
+      for (int64_t i = 0; i < m; ++i) std::fill(c + i * ldc, c + i * ldc + n, T(0));
+    }
+    return;
+  }
+  constexpr bool is_float = std::is_same_v<T, float>;
+  constexpr bool is_double = std::is_same_v<T, double>;
+  const bool blas = (is_float && sgemm_ != nullptr) || (is_double && dgemm_ != nullptr);
+  if constexpr (is_float || is_double) {
+    if (blas && detail::fits_int(m) && detail::fits_int(n) && detail::fits_int(k) && detail::fits_int(a.ld) &&
+        detail::fits_int(b.ld) && detail::fits_int(ldc)) {
+      // Row-major C = A·B is column-major Cᵀ = Bᵀ·Aᵀ: swap the operands, keep the flags.
+      const char ta = b.trans ? 'T' : 'N', tb = a.trans ? 'T' : 'N';
+      const int mm = int(n), nn = int(m), kk = int(k);
+      const int lda = int(std::max<int64_t>(b.ld, 1)), ldb = int(std::max<int64_t>(a.ld, 1));
+      const int ldcc = int(std::max<int64_t>(ldc, 1));
+      const T one = 1, beta = accumulate ? T(1) : T(0);
+      if constexpr (is_float) {
+        sgemm_(&ta, &tb, &mm, &nn, &kk, &one, b.data, &lda, a.data, &ldb, &beta, c, &ldcc);
+      } else {
+        dgemm_(&ta, &tb, &mm, &nn, &kk, &one, b.data, &lda, a.data, &ldb, &beta, c, &ldcc);
+      }
+      return;
+    }
+  }
+  const at::Tensor at_ = detail::as_tensor(a.data, m, k, a.ld, a.trans);
+  const at::Tensor bt_ = detail::as_tensor(b.data, k, n, b.ld, b.trans);
+  at::Tensor ct = detail::as_tensor(static_cast<const T*>(c), m, n, ldc, false);
+  if (accumulate) {
+    ct.addmm_(at_, bt_);
+  } else {
+    at::mm_out(ct, at_, bt_);
+  }
+}
+
+}  // namespace fused_backprop::cpu

@@ -1,0 +1,179 @@
+// CPU kernels of linear_act_fwd / linear_act_bwd.
+//
+// Both walk the rows in panels sized to stay in L2, one panel per task of at::parallel_for, and
+// finish each panel while it is still in cache:
+//   forward   out_p = act(x_p · Wᵀ + b)                 GEMM, then bias + activation in place
+//   backward  dz_p  = g_p ⊙ act'(y_p)                    (or act'(x_p · Wᵀ + b) under recompute)
+//             db   += column sums of dz_p                 per-panel partials, summed in order
+//             dx_p  = dz_p · W                            GEMM on the cached panel
+//             dW   += dz_pᵀ · x_p                         per-thread accumulators when dW is small,
+//                                                         else dz is kept and dW = dzᵀ·x is one GEMM
+// Every reduction has a fixed order for a given thread count, so results are deterministic.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "cpu/gemm.h"
+#include "cpu/rowwise.h"
+#include "ops.h"
+
+namespace fused_backprop::cpu {
+namespace {
+
+constexpr at::ScalarType kDtypes[] = {at::kFloat, at::kDouble, at::kBFloat16};
+// Bytes of one panel's working set that should stay in (a share of) L2.
+constexpr int64_t kPanelBytes = 256 * 1024;
+// Per-thread dW accumulators are used up to this size; above it dz is kept and dW is one GEMM.
+constexpr int64_t kPerThreadDwBytes = 512 * 1024;
+
+// Rows per panel: enough to fill kPanelBytes, at least 128 (so the GEMMs reuse W well), and
+// small enough that every thread gets a panel.
+int64_t panel_rows(int64_t m, int64_t row_bytes) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t rows = std::max<int64_t>(128, kPanelBytes / std::max<int64_t>(row_bytes, 1));
+  return std::max<int64_t>(1, std::min(rows, (m + threads - 1) / threads));
+}
+
+template <typename T, Activation A>
+void forward_kernel(const T* x, const T* w, const T* b, T* out, int64_t m, int64_t k, int64_t n) {
+  const int64_t rows = panel_rows(m, (k + n) * int64_t(sizeof(T)));
+  const int64_t panels = (m + rows - 1) / rows;
+  at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t r0 = p * rows, r = std::min(rows, m - r0);
+      T* out_p = out + r0 * n;
+      gemm<T>(r, n, k, {x + r0 * k, k}, {w, k, /*trans=*/true}, out_p, n);
+      for (int64_t i = 0; i < r; ++i) {
+        map_row(n, []<typename M, typename V>(V z, V bias) { return Act<A>::template forward<V, M>(z + bias); },
+                out_p + i * n, out_p + i * n, b);
+      }
+    }
+  });
+}
+
+template <typename T, Activation A>
+void backward_kernel(const T* g, const T* x, const T* w, const T* b, const T* y, int64_t m, int64_t k, int64_t n,
+                     T* dx, T* dw, T* db) {
+  using acc_t = at::opmath_type<T>;
+  const int64_t rows = panel_rows(m, (2 * n + k) * int64_t(sizeof(T)));
+  const int64_t panels = (m + rows - 1) / rows;
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const bool per_thread_dw =
+      dw != nullptr && kVectorized<T> && n * k * int64_t(sizeof(T)) <= kPerThreadDwBytes;
+
+  // dz lives in a per-thread panel buffer, or in one (m, n) buffer when dW needs all of it.
+  const bool keep_dz = dw != nullptr && !per_thread_dw;
+  std::vector<T> dz_store(keep_dz ? m * n : threads * rows * n);
+  std::vector<T> dw_acc(per_thread_dw ? threads * n * k : 0, T(0));
+  std::vector<acc_t> db_part(db != nullptr ? panels * n : 0, acc_t(0));
+
+  at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+    const int64_t tid = at::get_thread_num();
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t r0 = p * rows, r = std::min(rows, m - r0);
+      T* dz = keep_dz ? dz_store.data() + r0 * n : dz_store.data() + tid * rows * n;
+      const T* g_p = g + r0 * n;
+      if (y != nullptr) {
+        for (int64_t i = 0; i < r; ++i) {
+          map_row(n, []<typename M, typename V>(V go, V out) { return go * Act<A>::template grad_from_output<V, M>(out); },
+                  dz + i * n, g_p + i * n, y + (r0 + i) * n);
+        }
+      } else {
+        gemm<T>(r, n, k, {x + r0 * k, k}, {w, k, /*trans=*/true}, dz, n);
+        for (int64_t i = 0; i < r; ++i) {
+          map_row(n, []<typename M, typename V>(V z, V go, V bias) {
+                    return go * Act<A>::template grad_from_preact<V, M>(z + bias);
+                  },
+                  dz + i * n, dz + i * n, g_p + i * n, b);
+        }
+      }
+      if (db != nullptr) add_column_sums(db_part.data() + p * n, dz, r, n);
+      if (dx != nullptr) gemm<T>(r, k, n, {dz, n}, {w, k}, dx + r0 * k, k);
+      if (per_thread_dw) {
+        gemm<T>(n, k, r, {dz, n, /*trans=*/true}, {x + r0 * k, k}, dw_acc.data() + tid * n * k, k,
+                /*accumulate=*/true);
+      }
+    }
+  });
+
+  if (per_thread_dw) {
+    std::copy_n(dw_acc.data(), n * k, dw);
+    for (int64_t t = 1; t < threads; ++t) {
+      map_row(n * k, []<typename M, typename V>(V a, V c) { return a + c; }, dw, dw, dw_acc.data() + t * n * k);
+    }
+  } else if (dw != nullptr) {
+    gemm<T>(n, k, m, {dz_store.data(), n, /*trans=*/true}, {x, k}, dw, k);
+  }
+  if (db != nullptr) {
+    for (int64_t j = 0; j < n; ++j) {
+      acc_t s = 0;
+      for (int64_t p = 0; p < panels; ++p) s += db_part[p * n + j];
+      db[j] = static_cast<T>(s);
+    }
+  }
+}
+
+// The bias as a contiguous tensor; zeros when there is none, so one kernel serves both cases.
+at::Tensor bias_or_zeros(const std::optional<at::Tensor>& bias, const at::Tensor& weight) {
+  return bias.has_value() ? bias->contiguous() : at::zeros({weight.size(0)}, weight.options());
+}
+
+at::Tensor linear_act_fwd(const at::Tensor& x_in, const at::Tensor& weight_in, const std::optional<at::Tensor>& bias,
+                          c10::string_view activation) {
+  const Activation act = check_forward_args(x_in, weight_in, bias, activation, kDtypes);
+  const at::Tensor x = x_in.contiguous(), w = weight_in.contiguous(), b = bias_or_zeros(bias, w);
+  const int64_t m = x.size(0), k = x.size(1), n = w.size(0);
+  at::Tensor out = at::empty({m, n}, x.options());
+  if (m == 0 || n == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "linear_act_fwd_cpu", [&] {
+    dispatch_activation(act, [&]<Activation A>() {
+      forward_kernel<scalar_t, A>(x.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
+                                  b.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), m, k, n);
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_bwd(const at::Tensor& grad_out, const at::Tensor& x_in,
+                                                             const at::Tensor& weight_in,
+                                                             const std::optional<at::Tensor>& bias,
+                                                             const std::optional<at::Tensor>& out,
+                                                             c10::string_view activation,
+                                                             std::array<bool, 3> output_mask) {
+  const Activation act = check_backward_args(grad_out, x_in, weight_in, bias, out, activation, kDtypes);
+  const at::Tensor g = grad_out.contiguous(), x = x_in.contiguous(), w = weight_in.contiguous();
+  const at::Tensor b = bias_or_zeros(bias, w);
+  const at::Tensor y = out.has_value() ? out->contiguous() : at::Tensor();
+  const int64_t m = x.size(0), k = x.size(1), n = w.size(0);
+  const bool want_db = output_mask[2] && bias.has_value();
+  at::Tensor dx = output_mask[0] ? at::empty_like(x) : x.new_empty({0});
+  at::Tensor dw = output_mask[1] ? at::empty_like(w) : x.new_empty({0});
+  at::Tensor db = want_db ? at::empty({n}, x.options()) : x.new_empty({0});
+  if (m == 0 || n == 0) {
+    // No output element: every gradient is zero (k == 0 needs no care: its GEMMs are empty).
+    dx.zero_(), dw.zero_(), db.zero_();
+    return {dx, dw, db};
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "linear_act_bwd_cpu", [&] {
+    dispatch_activation(act, [&]<Activation A>() {
+      auto ptr = [](at::Tensor& t, bool on) { return on ? t.mutable_data_ptr<scalar_t>() : nullptr; };
+      backward_kernel<scalar_t, A>(g.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+                                   w.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(),
+                                   y.defined() ? y.const_data_ptr<scalar_t>() : nullptr, m, k, n,
+                                   ptr(dx, output_mask[0]), ptr(dw, output_mask[1]),
+                                   ptr(db, want_db));
+    });
+  });
+  return {dx, dw, db};
+}
+
+}  // namespace
+}  // namespace fused_backprop::cpu
+
+TORCH_LIBRARY_IMPL(fused_backprop, CPU, m) {
+  m.impl("linear_act_fwd", &fused_backprop::cpu::linear_act_fwd);
+  m.impl("linear_act_bwd", &fused_backprop::cpu::linear_act_bwd);
+}

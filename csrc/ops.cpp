@@ -1,0 +1,93 @@
+// Op schemas (declared once, here) and the argument checks every backend's glue shares.
+#include "ops.h"
+
+#include <Python.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include <string>
+
+namespace fused_backprop {
+
+Activation parse_activation(std::string_view activation) {
+  if (activation == "relu") return Activation::ReLU;
+  if (activation == "sigmoid") return Activation::Sigmoid;
+  TORCH_CHECK_VALUE(false, "fused_backprop: activation must be 'relu' or 'sigmoid', got '",
+                    std::string(activation), "'");
+}
+
+namespace {
+
+std::string dtype_list(at::ArrayRef<at::ScalarType> dtypes) {
+  std::string s;
+  for (const auto dt : dtypes) {
+    if (!s.empty()) s += ", ";
+    s += c10::toString(dt);
+  }
+  return s;
+}
+
+void check_like_x(const at::Tensor& x, const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device() == x.device(), "fused_backprop: ", name, " must be on the same device as input (",
+              x.device(), "), got ", t.device());
+  TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(), "fused_backprop: ", name,
+                   " must have the same dtype as input (", x.scalar_type(), "), got ", t.scalar_type());
+}
+
+}  // namespace
+
+Activation check_forward_args(const at::Tensor& x, const at::Tensor& weight,
+                              const std::optional<at::Tensor>& bias, std::string_view activation,
+                              at::ArrayRef<at::ScalarType> dtypes) {
+  const Activation act = parse_activation(activation);
+  TORCH_CHECK_VALUE(x.dim() == 2, "fused_backprop: input must be 2-D (M, in_features) at the op level, got ",
+                    x.dim(), "-D of shape ", x.sizes());
+  TORCH_CHECK_VALUE(weight.dim() == 2, "fused_backprop: weight must be 2-D (out_features, in_features), got shape ",
+                    weight.sizes());
+  TORCH_CHECK_TYPE(std::find(dtypes.begin(), dtypes.end(), x.scalar_type()) != dtypes.end(),
+                   "fused_backprop: input dtype must be one of ", dtype_list(dtypes), " on ", x.device().type(),
+                   ", got ", x.scalar_type());
+  check_like_x(x, weight, "weight");
+  TORCH_CHECK_VALUE(weight.size(1) == x.size(1), "fused_backprop: weight must have in_features = ", x.size(1),
+                    " columns to match input of shape ", x.sizes(), ", got weight of shape ", weight.sizes());
+  if (bias.has_value()) {
+    check_like_x(x, *bias, "bias");
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == weight.size(0), "fused_backprop: bias must have shape (",
+                      weight.size(0), ",) to match weight of shape ", weight.sizes(), ", got ", bias->sizes());
+  }
+  return act;
+}
+
+Activation check_backward_args(const at::Tensor& grad_out, const at::Tensor& x,
+                               const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                               const std::optional<at::Tensor>& out, std::string_view activation,
+                               at::ArrayRef<at::ScalarType> dtypes) {
+  const Activation act = check_forward_args(x, weight, bias, activation, dtypes);
+  const std::array<int64_t, 2> expected{x.size(0), weight.size(0)};
+  check_like_x(x, grad_out, "grad_out");
+  TORCH_CHECK_VALUE(grad_out.sizes() == at::IntArrayRef(expected), "fused_backprop: grad_out must have shape ",
+                    at::IntArrayRef(expected), ", got ", grad_out.sizes());
+  if (out.has_value()) {
+    check_like_x(x, *out, "out");
+    TORCH_CHECK_VALUE(out->sizes() == at::IntArrayRef(expected), "fused_backprop: out must have shape ",
+                      at::IntArrayRef(expected), ", got ", out->sizes());
+  }
+  return act;
+}
+
+}  // namespace fused_backprop
+
+TORCH_LIBRARY(fused_backprop, m) {
+  m.def("linear_act_fwd(Tensor x, Tensor weight, Tensor? bias, str activation) -> Tensor");
+  m.def(
+      "linear_act_bwd(Tensor grad_out, Tensor x, Tensor weight, Tensor? bias, Tensor? out, str activation, "
+      "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+}
+
+// The .so is imported as a Python module so that the schemas and kernels above get registered;
+// it defines no Python functions of its own (everything goes through torch.ops).
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}

@@ -1,0 +1,40 @@
+// Shared pieces of the registered ops: argument checks (the one place for them on the C++ side)
+// and the activation parsing used by every backend's torch glue.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <array>
+#include <optional>
+#include <string_view>
+#include <tuple>
+
+#include "activation.h"
+
+namespace fused_backprop {
+
+// Parses "relu" / "sigmoid"; anything else is an error that names the argument.
+Activation parse_activation(std::string_view activation);
+
+// Checks linear_act_fwd's arguments: x (M, K), weight (N, K), bias (N) or None, one floating
+// dtype from `dtypes`, one device. Returns the parsed activation.
+Activation check_forward_args(const at::Tensor& x, const at::Tensor& weight,
+                              const std::optional<at::Tensor>& bias, std::string_view activation,
+                              at::ArrayRef<at::ScalarType> dtypes);
+
+// Checks linear_act_bwd's arguments: the forward's, plus grad_out (M, N) and out (M, N) or None.
+Activation check_backward_args(const at::Tensor& grad_out, const at::Tensor& x,
+                               const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                               const std::optional<at::Tensor>& out, std::string_view activation,
+                               at::ArrayRef<at::ScalarType> dtypes);
+
+// Calls f.template operator()<Activation::X>() for the runtime activation.
+template <typename F>
+decltype(auto) dispatch_activation(Activation act, F&& f) {
+  if (act == Activation::ReLU) {
+    return f.template operator()<Activation::ReLU>();
+  }
+  return f.template operator()<Activation::Sigmoid>();
+}
+
+}  // namespace fused_backprop

@@ -1,0 +1,16 @@
+"""fused_backprop: fused Linear+ReLU and Linear+Sigmoid layers whose forward and backward run as
+handwritten kernels (C++ on the CPU, C++/CUDA and Triton on NVIDIA GPUs)."""
+
+from . import _ops  # noqa: F401  (loads the compiled ops first)
+from . import reference
+from .backends import available_backends
+from .functional import linear_act, linear_relu, linear_sigmoid
+from .fuse import fuse
+from .modules import FusedLinearAct, FusedLinearReLU, FusedLinearSigmoid, FusedMLP
+
+__all__ = [
+    "linear_act", "linear_relu", "linear_sigmoid",
+    "FusedLinearAct", "FusedLinearReLU", "FusedLinearSigmoid", "FusedMLP",
+    "fuse", "available_backends", "reference",
+]
+__version__ = "0.1.0"

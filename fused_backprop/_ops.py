@@ -1,0 +1,39 @@
+"""Loads the compiled extension (schemas + kernels) and gives its ops what Python must add:
+fake (meta) kernels for tracing and the op-level autograd formula."""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    from . import _C  # noqa: F401  (registers torch.ops.fused_backprop.*)
+    BUILD_ERROR = None
+except ImportError as exc:  # a source checkout that was never built
+    BUILD_ERROR = exc
+
+
+def has_kernel(dispatch_key: str) -> bool:
+    """Whether the compiled extension has a kernel for ``dispatch_key`` ("CPU" or "CUDA")."""
+    if BUILD_ERROR is not None:
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key("fused_backprop::linear_act_fwd", dispatch_key)
+
+
+if BUILD_ERROR is None:
+
+    @torch.library.register_fake("fused_backprop::linear_act_fwd")
+    def _linear_act_fwd_fake(x, weight, bias, activation):
+        torch._check(x.dim() == 2 and weight.dim() == 2 and x.shape[1] == weight.shape[1])
+        return x.new_empty((x.shape[0], weight.shape[0]))
+
+    @torch.library.register_fake("fused_backprop::linear_act_bwd")
+    def _linear_act_bwd_fake(grad_out, x, weight, bias, out, activation, output_mask):
+        torch._check(x.dim() == 2 and weight.dim() == 2 and x.shape[1] == weight.shape[1])
+        n = weight.shape[0]
+        return (x.new_empty(x.shape) if output_mask[0] else x.new_empty((0,)),
+                weight.new_empty(weight.shape) if output_mask[1] else x.new_empty((0,)),
+                weight.new_empty((n,)) if output_mask[2] and bias is not None else x.new_empty((0,)))
+
+    from .autograd import register_op_autograd
+
+    register_op_autograd("fused_backprop::linear_act_fwd", backend_name=None)

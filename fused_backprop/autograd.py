@@ -1,0 +1,76 @@
+"""Autograd for the fused layer.
+
+The public path is ``LinearActFunction`` (an ``autograd.Function`` that only calls a backend, as
+FlashAttention's fused_dense does); the registered ops get the same formula through
+``torch.library.register_autograd``. Both end in ``linear_act_backward``, which also decides
+when a differentiable backward is needed: if a graph is being built during backward
+(``create_graph=True``, double backward), it runs the composite ``torch`` backend instead of the
+kernels, whose outputs autograd cannot see through.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import backends
+from .backends import Backend
+
+
+def linear_act_backward(grad_out, x, weight, bias, out, activation, output_mask, backend: Backend):
+    """(dx, dw, db) of ``act(x @ weight.T + bias)``; ``out=None`` recomputes the pre-activation."""
+    if torch.is_grad_enabled() and not backend.differentiable:
+        backend = backends.get("torch")
+    return backend.backward(grad_out, x, weight, bias, out, activation, output_mask)
+
+
+def _output_mask(needs_input_grad, bias) -> tuple[bool, bool, bool]:
+    return bool(needs_input_grad[0]), bool(needs_input_grad[1]), bool(needs_input_grad[2]) and bias is not None
+
+
+class LinearActFunction(torch.autograd.Function):
+    """``act(x @ weight.T + bias)`` for a 2-D x on a chosen backend. Saves (x, weight, bias, out),
+    or only (x, weight, bias) with ``recompute=True``."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, activation: str, recompute: bool, backend: Backend):
+        out = backend.forward(x, weight, bias, activation)
+        ctx.activation, ctx.backend, ctx.recompute = activation, backend, recompute
+        if recompute:
+            ctx.save_for_backward(x, weight, bias)
+        else:
+            ctx.save_for_backward(x, weight, bias, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if ctx.recompute:
+            x, weight, bias = ctx.saved_tensors
+            out = None
+        else:
+            x, weight, bias, out = ctx.saved_tensors
+        dx, dw, db = linear_act_backward(grad_out, x, weight, bias, out, ctx.activation,
+                                         _output_mask(ctx.needs_input_grad, bias), ctx.backend)
+        return dx, dw, db, None, None, None
+
+
+def register_op_autograd(op_name: str, backend_name: Optional[str]) -> None:
+    """Registers the backward of a registered forward op ``op(x, weight, bias, activation)``.
+
+    ``backend_name`` is the backend whose backward runs (None: the compiled backend of the
+    tensors' device, i.e. "cpu" or "cuda")."""
+
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, activation = inputs
+        ctx.activation = activation
+        ctx.save_for_backward(x, weight, bias, output)
+
+    def backward(ctx, grad_out):
+        x, weight, bias, out = ctx.saved_tensors
+        backend = backends.get(backend_name or x.device.type)
+        dx, dw, db = linear_act_backward(grad_out, x, weight, bias, out, ctx.activation,
+                                         _output_mask(ctx.needs_input_grad, bias), backend)
+        return dx, dw, db, None
+
+    torch.library.register_autograd(op_name, backward, setup_context=setup_context)

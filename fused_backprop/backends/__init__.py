@@ -1,0 +1,96 @@
+"""Backends: one small interface, one registry.
+
+A backend computes the fused layer on 2-D inputs whose arguments have already been checked
+(``fused_backprop._checks``):
+
+* ``forward(x, weight, bias, activation) -> out`` with x ``(M, K)``, weight ``(N, K)``,
+  bias ``(N,)`` or None, out ``(M, N)``;
+* ``backward(grad_out, x, weight, bias, out, activation, output_mask) -> (dx, dw, db)``, where
+  ``out=None`` means "recompute the pre-activation from x, weight, bias" and an entry of
+  ``output_mask`` that is False (or a missing bias) gives None in that slot;
+* ``supports(device) -> bool``: whether it runs on tensors of that device here and now.
+
+Autograd, the flattening of leading dims and the modules live above this interface, so a new
+backend is a file with these three functions and one ``register`` call.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+__all__ = ["Backend", "register", "get", "names", "available_backends", "resolve"]
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    forward: Callable
+    backward: Callable
+    supports: Callable[[torch.device], bool]
+    # Lower runs first when backend="auto" picks among the ones that support a device.
+    auto_priority: Optional[int] = None
+    # True when backward builds an autograd graph (needed for double backward).
+    differentiable: bool = False
+
+
+_REGISTRY: dict[str, Backend] = {}
+# Backends defined in modules that may fail to import (missing optional dependency).
+_LAZY = {
+    "cpu": "fused_backprop.backends.compiled",
+    "cuda": "fused_backprop.backends.compiled",
+    "torch": "fused_backprop.backends.torch_backend",
+    "numpy": "fused_backprop.backends.numpy_backend",
+    "triton": "fused_backprop.triton.backend",
+}
+
+
+def register(backend: Backend) -> Backend:
+    _REGISTRY[backend.name] = backend
+    return backend
+
+
+def names() -> list[str]:
+    """Every backend name this package knows, built or not."""
+    return list(_LAZY)
+
+
+def get(name: str) -> Optional[Backend]:
+    """The backend called ``name``, or None when its module cannot be imported here."""
+    if name not in _REGISTRY and name in _LAZY:
+        try:
+            importlib.import_module(_LAZY[name])
+        except ImportError:
+            return None
+    return _REGISTRY.get(name)
+
+
+def available_backends(device=None) -> list[str]:
+    """Names of the backends that run on ``device`` (default: the CPU) in this installation,
+    fastest first."""
+    device = torch.device("cpu" if device is None else device)
+    found = [b for b in (get(n) for n in names()) if b is not None and b.supports(device)]
+    found.sort(key=lambda b: (b.auto_priority is None, b.auto_priority or 0))
+    return [b.name for b in found]
+
+
+def resolve(name: str, device: torch.device) -> Backend:
+    """The backend to run for ``name`` (a backend name or "auto") on ``device``."""
+    if name == "auto":
+        for b in (get(n) for n in available_backends(device)):
+            if b.auto_priority is not None:
+                return b
+        raise RuntimeError(f"fused_backprop: no backend supports device {device}")
+    if name not in _LAZY:
+        raise ValueError(f"fused_backprop: backend must be 'auto' or one of {names()}, got {name!r}")
+    backend = get(name)
+    if backend is None:
+        raise RuntimeError(f"fused_backprop: backend {name!r} is not available in this installation "
+                           f"(its module {_LAZY[name]} failed to import)")
+    if not backend.supports(device):
+        raise RuntimeError(f"fused_backprop: backend {name!r} does not run on device {device}; "
+                           f"available there: {available_backends(device)}")
+    return backend

@@ -1,0 +1,38 @@
+"""Functional API: ``linear_act``, ``linear_relu``, ``linear_sigmoid``.
+
+Same semantics as ``act(torch.nn.functional.linear(input, weight, bias))``: input of shape
+``(*, in_features)`` (1-D included), output ``(*, out_features)``."""
+
+from __future__ import annotations
+
+import torch
+
+from . import backends
+from ._checks import check_activation, check_linear_args, check_recompute
+from .autograd import LinearActFunction
+
+
+def linear_act(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+               activation: str = "relu", *, recompute: bool = False, backend: str = "auto") -> torch.Tensor:
+    """``activation(input @ weight.T + bias)`` with forward and backward as fused kernels.
+
+    ``recompute=True`` saves only input and parameters for backward and recomputes the
+    pre-activation there instead of keeping the output. ``backend`` is "auto" (fastest built
+    backend for the input's device) or one of ``fused_backprop.available_backends(device)``."""
+    check_linear_args(input, weight, bias)
+    check_activation(activation)
+    check_recompute(recompute)
+    impl = backends.resolve(backend, input.device)
+    x = input.reshape(-1, input.shape[-1])
+    out = LinearActFunction.apply(x, weight, bias, activation, recompute, impl)
+    return out.reshape(*input.shape[:-1], weight.shape[0])
+
+
+def linear_relu(input, weight, bias=None, *, recompute: bool = False, backend: str = "auto"):
+    """``relu(input @ weight.T + bias)``; see ``linear_act``."""
+    return linear_act(input, weight, bias, "relu", recompute=recompute, backend=backend)
+
+
+def linear_sigmoid(input, weight, bias=None, *, recompute: bool = False, backend: str = "auto"):
+    """``sigmoid(input @ weight.T + bias)``; see ``linear_act``."""
+    return linear_act(input, weight, bias, "sigmoid", recompute=recompute, backend=backend)
