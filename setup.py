@@ -40,9 +40,34 @@ def cuda_include_dirs() -> list:
     return sorted(set(d for d in dirs if os.path.isdir(d)))
 
 
+def cpu_capability_flags() -> list:
+    """SIMD level for at::vec in the CPU kernels: the best one the build host runs, as ATen names
+    them (override with FUSED_BACKPROP_CPU_CAPABILITY=DEFAULT|AVX2|AVX512). The extension is
+    built where it runs, so the host's level is the right one; DEFAULT runs anywhere."""
+    flags = set()
+    if os.path.exists("/proc/cpuinfo"):
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    best = ("AVX512" if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"} <= flags
+            else "AVX2" if {"avx2", "fma"} <= flags else "DEFAULT")
+    level = os.environ.get("FUSED_BACKPROP_CPU_CAPABILITY", best).upper()
+    table = {
+        "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"],
+        "AVX2": ["-mavx2", "-mfma"],
+        "DEFAULT": [],
+    }
+    if level not in table:
+        sys.exit(f"FUSED_BACKPROP_CPU_CAPABILITY must be one of {list(table)}, got {level!r}")
+    if level == "DEFAULT":
+        return []
+    return table[level] + [f"-DCPU_CAPABILITY={level}", f"-DCPU_CAPABILITY_{level}"]
+
+
 def extension():
     sources = _rel(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")) + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
-    cxx = ["-O3", "-std=c++20", "-fopenmp"]
+    cxx = ["-O3", "-std=c++20", "-fopenmp"] + cpu_capability_flags()
     kwargs = dict(include_dirs=[os.path.join(ROOT, "csrc")], extra_link_args=["-fopenmp"])
     cuda_sources = _rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")) +
                         glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp")))

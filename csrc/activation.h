@@ -23,9 +23,10 @@ struct ScalarMath {
   // relu(NaN) = NaN like torch.relu: the comparison is false for NaN, so z passes through.
   template <typename T>
   static FB_HOST_DEVICE T relu(T z) { return z < T(0) ? T(0) : z; }
-  // 1 where v > 0, else 0 (so relu'(0) = 0).
+  // 0 where v <= 0, else 1: relu'(0) = 0, and NaN lets the gradient through, as torch's
+  // threshold_backward does.
   template <typename T>
-  static FB_HOST_DEVICE T step(T v) { return v > T(0) ? T(1) : T(0); }
+  static FB_HOST_DEVICE T step(T v) { return v <= T(0) ? T(0) : T(1); }
   template <typename T>
   static FB_HOST_DEVICE T exp(T v) {
     using std::exp;
@@ -40,7 +41,7 @@ template <>
 struct Act<Activation::ReLU> {
   template <typename T, typename M = ScalarMath>
   static FB_HOST_DEVICE T forward(T z) { return M::relu(z); }
-  // From the output y = relu(z): y > 0 exactly when z > 0.
+  // From the output y = relu(z): y <= 0 exactly when z <= 0.
   template <typename T, typename M = ScalarMath>
   static FB_HOST_DEVICE T grad_from_output(T y) { return M::step(y); }
   template <typename T, typename M = ScalarMath>

@@ -12,11 +12,16 @@ except ImportError as exc:  # a source checkout that was never built
     BUILD_ERROR = exc
 
 
+# Which devices the compiled extension has kernels for, read once (a plain dict lookup later, so
+# torch.compile traces the backend choice without a graph break).
+_KERNELS = {key: BUILD_ERROR is None and
+            torch._C._dispatch_has_kernel_for_dispatch_key("fused_backprop::linear_act_fwd", key)
+            for key in ("CPU", "CUDA")}
+
+
 def has_kernel(dispatch_key: str) -> bool:
     """Whether the compiled extension has a kernel for ``dispatch_key`` ("CPU" or "CUDA")."""
-    if BUILD_ERROR is not None:
-        return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key("fused_backprop::linear_act_fwd", dispatch_key)
+    return _KERNELS[dispatch_key]
 
 
 if BUILD_ERROR is None:

@@ -19,8 +19,9 @@ class ActivationFns(NamedTuple):
 
 
 def _relu_grad(v: torch.Tensor) -> torch.Tensor:
-    # relu'(0) = 0; y > 0 exactly where z > 0.
-    return (v > 0).to(v.dtype)
+    # 0 where v <= 0, else 1: relu'(0) = 0, and NaN passes the gradient like threshold_backward.
+    # y <= 0 exactly where z <= 0, so the same function serves output and pre-activation.
+    return (v <= 0).logical_not().to(v.dtype)
 
 
 def _sigmoid_grad_from_output(y: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,8 @@ Same semantics as ``act(torch.nn.functional.linear(input, weight, bias))``: inpu
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import backends
@@ -23,7 +25,7 @@ def linear_act(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     check_activation(activation)
     check_recompute(recompute)
     impl = backends.resolve(backend, input.device)
-    x = input.reshape(-1, input.shape[-1])
+    x = input.reshape(math.prod(input.shape[:-1]), input.shape[-1])
     out = LinearActFunction.apply(x, weight, bias, activation, recompute, impl)
     return out.reshape(*input.shape[:-1], weight.shape[0])
 

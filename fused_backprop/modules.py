@@ -33,8 +33,7 @@ class FusedLinearAct(nn.Module):
         self.backend = backend
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty((out_features, in_features), **factory))
-        self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
-        self.register_parameter("bias", self.bias)
+        self.register_parameter("bias", nn.Parameter(torch.empty(out_features, **factory)) if bias else None)
         self.reset_parameters()
 
     reset_parameters = nn.Linear.reset_parameters  # the same init, the same random draws

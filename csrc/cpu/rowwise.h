@@ -21,7 +21,7 @@ struct VecMath {
   template <typename V>
   static V relu(V z) { return at::vec::maximum(z, V(0)); }
   template <typename V>
-  static V step(V v) { return v.gt(V(0)); }
+  static V step(V v) { return V(1) - v.le(V(0)); }
   template <typename V>
   static V exp(V v) { return v.exp(); }
 };

@@ -1,0 +1,82 @@
+"""The registered ops themselves: torch.library.opcheck, dtypes, and the op-level autograd."""
+
+import pytest
+import torch
+from helpers import ACTIVATIONS, TOL, assert_close, sample_inputs
+
+import fused_backprop as fb  # noqa: F401  (registers the ops)
+from fused_backprop.backends import torch_backend
+
+ops = torch.ops.fused_backprop
+pytestmark = pytest.mark.skipif(not fb.backends.get("cpu") or "cpu" not in fb.available_backends(),
+                                reason="compiled extension not built")
+
+CASES = [  # (m, k, n, noncontiguous)
+    (0, 5, 3, False), (7, 5, 3, False), (7, 5, 3, True), (130, 33, 17, True),
+]
+
+
+def _fwd_args(m, k, n, noncontig, bias, activation, requires_grad):
+    x, w, b = sample_inputs(m, k, n, bias=bias, requires_grad=requires_grad, noncontiguous=noncontig)
+    return (x, w, b, activation)
+
+
+@pytest.mark.parametrize("m,k,n,noncontig", CASES)
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("requires_grad", [False, True])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_opcheck_forward(m, k, n, noncontig, bias, requires_grad, activation):
+    torch.library.opcheck(ops.linear_act_fwd, _fwd_args(m, k, n, noncontig, bias, activation, requires_grad))
+
+
+@pytest.mark.parametrize("m,k,n,noncontig", CASES)
+@pytest.mark.parametrize("recompute", [False, True])
+@pytest.mark.parametrize("mask", [[True, True, True], [False, True, False], [True, False, True]])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_opcheck_backward(m, k, n, noncontig, recompute, mask, activation):
+    x, w, b = sample_inputs(m, k, n, noncontiguous=noncontig)
+    out = None if recompute else ops.linear_act_fwd(x, w, b, activation)
+    g = torch.randn(m, n, dtype=x.dtype)
+    torch.library.opcheck(ops.linear_act_bwd, (g, x, w, b, out, activation, mask))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("recompute", [False, True])
+def test_ops_match_torch_backend(dtype, activation, recompute):
+    x, w, b = sample_inputs(300, 70, 45, dtype=dtype)
+    out = ops.linear_act_fwd(x, w, b, activation)
+    # Reference in float64 from the same (rounded) inputs.
+    x64, w64, b64 = (t.double() for t in (x, w, b))
+    assert_close(out, torch_backend.forward(x64, w64, b64, activation), dtype)
+    g = torch.randn(300, 45, dtype=torch.float64).to(dtype)
+    got = ops.linear_act_bwd(g, x, w, b, None if recompute else out, activation, [True, True, True])
+    # act' from the kernel's own (rounded) output: in 16-bit, a pre-activation within rounding of 0
+    # may take either side of relu's kink, and the recomputation must agree with the forward.
+    want = torch_backend.backward(g.double(), x64, w64, b64, out.double(), activation, (True, True, True))
+    for a, e in zip(got, want):
+        # Gradients sum over up to 300 terms: allow for the accumulation in the dtype's precision.
+        torch.testing.assert_close(a, e.to(dtype), rtol=TOL[dtype]["rtol"] * 4, atol=TOL[dtype]["atol"] * 30)
+
+
+def test_masked_outputs_are_empty():
+    x, w, b = sample_inputs(4, 3, 2)
+    dx, dw, db = ops.linear_act_bwd(torch.ones(4, 2, dtype=x.dtype), x, w, b, None, "relu", [False, True, False])
+    assert dx.numel() == 0 and db.numel() == 0 and dw.shape == w.shape
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_op_level_autograd(activation):
+    """register_autograd gives the registered forward op a backward (saved-output path)."""
+    x, w, b = sample_inputs(9, 4, 3, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *a: ops.linear_act_fwd(*a, activation), (x, w, b))
+    assert torch.autograd.gradgradcheck(lambda *a: ops.linear_act_fwd(*a, activation), (x, w, b))
+
+
+def test_backward_is_deterministic():
+    x, w, b = sample_inputs(5000, 40, 30, dtype=torch.float32)
+    g = torch.randn(5000, 30)
+    runs = [ops.linear_act_bwd(g, x, w, b, None, "sigmoid", [True, True, True]) for _ in range(3)]
+    for other in runs[1:]:
+        for a, e in zip(runs[0], other):
+            assert torch.equal(a, e)
