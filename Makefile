@@ -12,7 +12,6 @@ export CUDA_HOME ?= $(shell test -x /usr/local/cuda/bin/nvcc && echo /usr/local/
 
 $(VPY):
 	$(PY) -m venv $(VENV)
-	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q "$(TORCH)" numpy pytest expecttest ninja setuptools wheel
 
 venv: $(VPY)

@@ -120,18 +120,21 @@ def time_median(stmt, min_run_time: float, warmup: int = 2) -> benchmark.Measure
 
 
 def run(shapes, min_run_time: float) -> list[dict]:
-    compiled = {a: torch.compile(make_eager(a), dynamic=False) for a in ACTIVATIONS}
     rows = []
     for m, k, n in shapes:
         for activation in ACTIVATIONS:
+            # A fresh compile per case: dynamo caches per code object and would otherwise hit its
+            # recompile limit across shapes and fall back to eager.
+            torch._dynamo.reset()
+            compiled = torch.compile(make_eager(activation), dynamic=False)
             torch.manual_seed(0)
             x, w, b = layer_tensors(m, k, n, requires_grad=True)
             g = torch.randn(m, n, dtype=DTYPE)
             check_fused(activation, make_fused(activation), make_eager(activation), x, w, b, g)
             xd, wd, bd = (t.detach() for t in (x, w, b))
-            for mode, stmts in (("forward", forward_stmts(activation, xd, wd, bd, compiled[activation])),
+            for mode, stmts in (("forward", forward_stmts(activation, xd, wd, bd, compiled)),
                                 ("forward+backward",
-                                 forward_backward_stmts(activation, x, w, b, g, compiled[activation]))):
+                                 forward_backward_stmts(activation, x, w, b, g, compiled))):
                 medians = {}
                 for provider, stmt in stmts.items():
                     meas = time_median(stmt, min_run_time)
