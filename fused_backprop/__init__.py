@@ -2,7 +2,7 @@
 handwritten kernels (C++ on the CPU, C++/CUDA and Triton on NVIDIA GPUs)."""
 
 from . import _ops  # noqa: F401  (loads the compiled ops first)
-from . import reference
+from . import backends, reference
 from .backends import available_backends
 from .functional import linear_act, linear_relu, linear_sigmoid
 from .fuse import fuse
@@ -14,3 +14,5 @@ __all__ = [
     "fuse", "available_backends", "reference",
 ]
 __version__ = "0.1.0"
+
+backends.load_all()

@@ -22,7 +22,7 @@ from typing import Callable, Optional
 
 import torch
 
-__all__ = ["Backend", "register", "get", "names", "available_backends", "resolve"]
+__all__ = ["Backend", "register", "load_all", "get", "names", "available_backends", "resolve"]
 
 
 @dataclass(frozen=True)
@@ -38,14 +38,26 @@ class Backend:
 
 
 _REGISTRY: dict[str, Backend] = {}
-# Backends defined in modules that may fail to import (missing optional dependency).
-_LAZY = {
+# Why a backend's module failed to import (a missing optional dependency, an unbuilt extension).
+_IMPORT_ERRORS: dict[str, str] = {}
+# The module that defines each backend; ``load_all`` imports them once, when the package loads,
+# so that choosing a backend later is a dict lookup (and torch.compile traces it).
+_MODULES = {
     "cpu": "fused_backprop.backends.compiled",
     "cuda": "fused_backprop.backends.compiled",
     "torch": "fused_backprop.backends.torch_backend",
     "numpy": "fused_backprop.backends.numpy_backend",
     "triton": "fused_backprop.triton.backend",
 }
+
+
+def load_all() -> None:
+    for name, module in _MODULES.items():
+        if name not in _REGISTRY and name not in _IMPORT_ERRORS:
+            try:
+                importlib.import_module(module)
+            except ImportError as exc:
+                _IMPORT_ERRORS[name] = f"{type(exc).__name__}: {exc}"
 
 
 def register(backend: Backend) -> Backend:
@@ -55,16 +67,11 @@ def register(backend: Backend) -> Backend:
 
 def names() -> list[str]:
     """Every backend name this package knows, built or not."""
-    return list(_LAZY)
+    return list(_MODULES)
 
 
 def get(name: str) -> Optional[Backend]:
     """The backend called ``name``, or None when its module cannot be imported here."""
-    if name not in _REGISTRY and name in _LAZY:
-        try:
-            importlib.import_module(_LAZY[name])
-        except ImportError:
-            return None
     return _REGISTRY.get(name)
 
 
@@ -84,12 +91,12 @@ def resolve(name: str, device: torch.device) -> Backend:
             if b.auto_priority is not None:
                 return b
         raise RuntimeError(f"fused_backprop: no backend supports device {device}")
-    if name not in _LAZY:
+    if name not in _MODULES:
         raise ValueError(f"fused_backprop: backend must be 'auto' or one of {names()}, got {name!r}")
     backend = get(name)
     if backend is None:
         raise RuntimeError(f"fused_backprop: backend {name!r} is not available in this installation "
-                           f"(its module {_LAZY[name]} failed to import)")
+                           f"({_MODULES[name]}: {_IMPORT_ERRORS.get(name)})")
     if not backend.supports(device):
         raise RuntimeError(f"fused_backprop: backend {name!r} does not run on device {device}; "
                            f"available there: {available_backends(device)}")
