@@ -39,6 +39,7 @@ if BUILD_ERROR is None:
                 weight.new_empty(weight.shape) if output_mask[1] else x.new_empty((0,)),
                 weight.new_empty((n,)) if output_mask[2] and bias is not None else x.new_empty((0,)))
 
-    from .autograd import register_op_autograd
+    from .autograd import register_backward_op_autograd, register_op_autograd
 
     register_op_autograd("fused_backprop::linear_act_fwd", backend_name=None)
+    register_backward_op_autograd("fused_backprop::linear_act_bwd")

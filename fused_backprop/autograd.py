@@ -74,3 +74,31 @@ def register_op_autograd(op_name: str, backend_name: Optional[str]) -> None:
         return dx, dw, db, None
 
     torch.library.register_autograd(op_name, backward, setup_context=setup_context)
+
+
+def register_backward_op_autograd(op_name: str) -> None:
+    """Makes a registered backward op ``op(grad_out, x, weight, bias, out, activation, output_mask)``
+    differentiable (so calling it directly on tensors that require grad is never silently wrong):
+    its vector-Jacobian product is that of the composite ``torch`` backend's backward formula."""
+    tensor_names = ("grad_out", "x", "weight", "bias", "out")
+
+    def setup_context(ctx, inputs, output):
+        *tensors, activation, output_mask = inputs
+        ctx.activation, ctx.output_mask = activation, output_mask
+        ctx.save_for_backward(*tensors)
+
+    def backward(ctx, *grads):
+        saved = ctx.saved_tensors
+        wanted = [i for i, t in enumerate(saved) if t is not None and ctx.needs_input_grad[i]]
+        with torch.enable_grad():
+            inputs = [t.detach().requires_grad_(i in wanted) if t is not None else None for i, t in enumerate(saved)]
+            outs = backends.get("torch").backward(*inputs, ctx.activation, ctx.output_mask)
+            pairs = [(o, g) for o, g in zip(outs, grads) if o is not None and o.requires_grad]
+            found = torch.autograd.grad([o for o, _ in pairs], [inputs[i] for i in wanted],
+                                        [g for _, g in pairs], allow_unused=True) if pairs else [None] * len(wanted)
+        result = [None] * (len(tensor_names) + 2)
+        for i, g in zip(wanted, found):
+            result[i] = g if g is not None else torch.zeros_like(saved[i])
+        return tuple(result)
+
+    torch.library.register_autograd(op_name, backward, setup_context=setup_context)

@@ -32,12 +32,28 @@ def test_opcheck_forward(m, k, n, noncontig, bias, requires_grad, activation):
 @pytest.mark.parametrize("m,k,n,noncontig", CASES)
 @pytest.mark.parametrize("recompute", [False, True])
 @pytest.mark.parametrize("mask", [[True, True, True], [False, True, False], [True, False, True]])
+@pytest.mark.parametrize("requires_grad", [False, True])
 @pytest.mark.parametrize("activation", ACTIVATIONS)
-def test_opcheck_backward(m, k, n, noncontig, recompute, mask, activation):
-    x, w, b = sample_inputs(m, k, n, noncontiguous=noncontig)
-    out = None if recompute else ops.linear_act_fwd(x, w, b, activation)
-    g = torch.randn(m, n, dtype=x.dtype)
+def test_opcheck_backward(m, k, n, noncontig, recompute, mask, requires_grad, activation):
+    x, w, b = sample_inputs(m, k, n, noncontiguous=noncontig, requires_grad=requires_grad)
+    out = None if recompute else ops.linear_act_fwd(x, w, b, activation).detach().requires_grad_(requires_grad)
+    g = torch.randn(m, n, dtype=x.dtype, requires_grad=requires_grad)
     torch.library.opcheck(ops.linear_act_bwd, (g, x, w, b, out, activation, mask))
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_backward_op_is_differentiable(recompute, activation):
+    """Differentiating the backward op itself (no silent zero gradients)."""
+    x, w, b = sample_inputs(6, 4, 3, requires_grad=True)
+    # relu's saved output sits on the kink (exact zeros), where no numerical derivative exists.
+    out = ops.linear_act_fwd(x, w, b, activation).detach().requires_grad_(activation == "sigmoid")
+    g = torch.randn(6, 3, dtype=x.dtype, requires_grad=True)
+
+    def f(g, x, w, b, out):
+        return ops.linear_act_bwd(g, x, w, b, None if recompute else out, activation, [True, True, True])
+
+    assert torch.autograd.gradcheck(f, (g, x, w, b, out))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])

@@ -1,0 +1,395 @@
+// Runs the CUDA kernels of csrc/cuda/kernels.cuh on the CPU (through cuda_host.h) and compares
+// them with a plain double-precision host reference. Exits non-zero on any mismatch; the
+// harness itself aborts on divergent barriers/collectives, and the sanitizers on any
+// out-of-bounds access.
+//
+//   harness_main --dtype f32|f64|f16|bf16 --act relu|sigmoid --mode fwd|bwd|recompute
+//                [--bias 0|1] [--mask 111] [--pad P] [--misalign 0|1] [--seed S] M,K,N [M,K,N ...]
+//   harness_main --selftest NAME      (harness self-tests; see run_selftest)
+//
+// --pad P adds P elements to every leading dimension (strided rows); --misalign 1 offsets every
+// matrix by one element so the 16-byte vector path is off and the scalar path runs.
+#include "cuda_host.h"
+// the kernels under test
+#include "cuda/kernels.cuh"
+
+#include <array>
+#include <cinttypes>
+#include <string>
+
+using fused_backprop::Act;
+using fused_backprop::Activation;
+namespace fbc = fused_backprop::cuda;
+
+namespace {
+
+struct Options {
+  std::string dtype = "f32", act = "relu", mode = "fwd";
+  bool bias = true;
+  bool mask[3] = {true, true, true};
+  int64_t pad = 0;
+  bool misalign = false;
+  uint64_t seed = 0;
+  std::vector<std::array<int64_t, 3>> shapes;
+};
+
+template <typename T>
+double to_d(T v) {
+  return static_cast<double>(fbc::Num<T>::to_acc(v));
+}
+template <typename T>
+T from_d(double v) {
+  return fbc::Num<T>::from_acc(static_cast<fbc::acc_t<T>>(v));
+}
+// Round a double through T (what storing it as T does).
+template <typename T>
+double round_t(double v) {
+  return to_d(from_d<T>(v));
+}
+
+template <typename T>
+T nan_t() {
+  return from_d<T>(std::nan(""));
+}
+
+// A rows x cols matrix with leading dimension cols + pad, 64-byte aligned (or one element off on
+// purpose), in a heap block sized exactly to its last element so that ASan reports any access
+// past it. Filled with NaN: an element the kernel should have written but did not stays NaN.
+template <typename T>
+struct Mat {
+  void* block = nullptr;
+  T* p = nullptr;
+  int64_t rows = 0, cols = 0, ld = 0;
+  Mat(int64_t r, int64_t c, int64_t pad, bool misalign) : rows(r), cols(c), ld(c + pad) {
+    const int64_t off = misalign ? 1 : 0;
+    const int64_t n = r == 0 ? 0 : (r - 1) * ld + c;
+    block = ::operator new(static_cast<size_t>(n + off) * sizeof(T) + (n + off == 0 ? 1 : 0), std::align_val_t(64));
+    p = static_cast<T*>(block) + off;
+    for (int64_t i = 0; i < n; ++i) p[i] = nan_t<T>();
+  }
+  Mat(const Mat&) = delete;
+  Mat& operator=(const Mat&) = delete;
+  ~Mat() { ::operator delete(block, std::align_val_t(64)); }
+  T& at(int64_t r, int64_t c) { return p[r * ld + c]; }
+  double get(int64_t r, int64_t c) const { return to_d(p[r * ld + c]); }
+};
+
+template <typename T>
+void fill_random(Mat<T>& m, std::mt19937_64& g, double scale) {
+  std::normal_distribution<double> nd(0.0, 1.0);
+  for (int64_t r = 0; r < m.rows; ++r)
+    for (int64_t c = 0; c < m.cols; ++c) m.at(r, c) = from_d<T>(nd(g) * scale);
+}
+
+struct Tol {
+  double rtol, atol;
+};
+template <typename T>
+Tol tol() {
+  if constexpr (std::is_same_v<T, double>) return {1e-9, 1e-9};
+  if constexpr (std::is_same_v<T, float>) return {1e-4, 1e-4};
+  if constexpr (std::is_same_v<T, __half>) return {1e-2, 1e-2};
+  return {3e-2, 3e-2};
+}
+
+template <typename T>
+bool compare(const char* what, const Mat<T>& got, const std::vector<double>& ref, int64_t cols) {
+  const Tol t = tol<T>();
+  double max_err = 0;
+  int64_t bad = 0, first_r = -1, first_c = -1;
+  for (int64_t r = 0; r < got.rows; ++r) {
+    for (int64_t c = 0; c < got.cols; ++c) {
+      const double g = got.get(r, c), e = ref[r * cols + c];
+      const double err = std::fabs(g - e);
+      const bool ok = err <= t.atol + t.rtol * std::fabs(e);  // false for NaN
+      if (!ok) {
+        if (bad == 0) first_r = r, first_c = c;
+        ++bad;
+      }
+      if (!(err <= max_err)) max_err = err;
+    }
+  }
+  std::printf("    %-3s %5" PRId64 "x%-5" PRId64 " max|err| %.3e  %s\n", what, got.rows, got.cols, max_err,
+              bad ? "MISMATCH" : "ok");
+  if (bad) {
+    std::printf("      %" PRId64 " bad elements; first at (%" PRId64 ", %" PRId64 "): got %.9g, want %.9g\n", bad,
+                first_r, first_c, got.get(first_r, first_c), ref[first_r * cols + first_c]);
+  }
+  return bad == 0;
+}
+
+void no_check() {}
+
+template <typename T, Activation A>
+bool run_case(const Options& o, int64_t M, int64_t K, int64_t N) {
+  std::mt19937_64 g(o.seed * 1000003ull + static_cast<uint64_t>(M * 131 + K * 17 + N));
+  Mat<T> x(M, K, o.pad, o.misalign), w(N, K, o.pad, o.misalign), b(1, N, 0, o.misalign);
+  fill_random(x, g, 1.0);
+  fill_random(w, g, 1.0 / std::sqrt(static_cast<double>(K)));
+  fill_random(b, g, 1.0);
+  const T* bias = o.bias ? b.p : nullptr;
+
+  // reference pre-activation and output in double
+  std::vector<double> z(static_cast<size_t>(M * N)), y(static_cast<size_t>(M * N));
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < N; ++n) {
+      double s = o.bias ? b.get(0, n) : 0.0;
+      for (int64_t k = 0; k < K; ++k) s += x.get(m, k) * w.get(n, k);
+      z[m * N + n] = s;
+      y[m * N + n] = Act<A>::template forward<double>(s);
+    }
+
+  bool ok = true;
+  std::printf("  M=%" PRId64 " K=%" PRId64 " N=%" PRId64 "\n", M, K, N);
+  if (o.mode == "fwd") {
+    Mat<T> out(M, N, o.pad, o.misalign);
+    const fbc::FwdProblem<T> p{x.p, x.ld, w.p, w.ld, bias, out.p, out.ld, M, N, K};
+    fbc::launch_forward<T, A>(p, nullptr, no_check);
+    ok &= compare("y", out, y, N);
+    return ok;
+  }
+
+  const bool recompute = o.mode == "recompute";
+  Mat<T> dy(M, N, o.pad, o.misalign), yt(M, N, o.pad, o.misalign);
+  fill_random(dy, g, 1.0);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < N; ++n) yt.at(m, n) = from_d<T>(y[m * N + n]);
+  // reference dZ, rounded through T like the kernels (and an eager backward) store it
+  std::vector<double> dz(static_cast<size_t>(M * N));
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < N; ++n) {
+      const double d = dy.get(m, n);
+      const double gz = recompute ? Act<A>::template grad_from_preact<double>(z[m * N + n])
+                                  : Act<A>::template grad_from_output<double>(yt.get(m, n));
+      dz[m * N + n] = round_t<T>(d * gz);
+    }
+  std::vector<double> dx(static_cast<size_t>(M * K), 0.0), dw(static_cast<size_t>(N * K), 0.0), db(N, 0.0);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < N; ++n) {
+      const double d = dz[m * N + n];
+      db[n] += d;
+      for (int64_t k = 0; k < K; ++k) {
+        dx[m * K + k] += d * w.get(n, k);
+        dw[n * K + k] += d * x.get(m, k);
+      }
+    }
+
+  const bool want_dx = o.mask[0], want_dw = o.mask[1], want_db = o.mask[2] && o.bias;
+  Mat<T> gx(M, K, o.pad, o.misalign), gw(N, K, o.pad, o.misalign), gb(1, N, 0, o.misalign);
+  const size_t ws_bytes = fbc::bwd_workspace_bytes<T>(M, N, recompute, want_db);
+  void* ws = ws_bytes ? ::operator new(ws_bytes, std::align_val_t(256)) : nullptr;
+  if (ws) std::memset(ws, 0xff, ws_bytes);
+  const fbc::BwdProblem<T> p{dy.p,
+                             dy.ld,
+                             x.p,
+                             x.ld,
+                             w.p,
+                             w.ld,
+                             bias,
+                             recompute ? nullptr : yt.p,
+                             yt.ld,
+                             want_dx ? gx.p : nullptr,
+                             gx.ld,
+                             want_dw ? gw.p : nullptr,
+                             gw.ld,
+                             want_db ? gb.p : nullptr,
+                             M,
+                             N,
+                             K,
+                             ws};
+  fbc::launch_backward<T, A>(p, nullptr, no_check);
+  if (ws) ::operator delete(ws, std::align_val_t(256));
+
+  if (M == 0 || N == 0) {
+    // the launcher returns before any launch; the glue fills these cases
+    std::printf("    (empty problem: nothing launched, %llu launches so far)\n", cuda_host::rt().launches);
+    return true;
+  }
+  if (want_dx) ok &= compare("dx", gx, dx, K);
+  if (want_dw) ok &= compare("dw", gw, dw, K);
+  if (want_db) ok &= compare("db", gb, db, N);
+  // unrequested outputs must stay untouched (still NaN)
+  if (!want_dx && M * K > 0 && !std::isnan(gx.get(0, 0))) ok = false, std::printf("    dx written but not requested\n");
+  if (!want_dw && N * K > 0 && !std::isnan(gw.get(0, 0))) ok = false, std::printf("    dw written but not requested\n");
+  if (!want_db && !std::isnan(gb.get(0, 0))) ok = false, std::printf("    db written but not requested\n");
+  return ok;
+}
+
+template <typename T>
+bool run_all(const Options& o) {
+  bool ok = true;
+  for (const auto& s : o.shapes) {
+    if (o.act == "relu") {
+      ok &= run_case<T, Activation::ReLU>(o, s[0], s[1], s[2]);
+    } else {
+      ok &= run_case<T, Activation::Sigmoid>(o, s[0], s[1], s[2]);
+    }
+  }
+  return ok;
+}
+
+// ---- harness self-tests ----------------------------------------------------------------------
+__global__ void order_kernel(int* log, int* pos) {
+  log[atomicAdd(pos, 1)] = static_cast<int>(threadIdx.x);
+  __syncthreads();
+  log[atomicAdd(pos, 1)] = static_cast<int>(threadIdx.x);
+}
+
+__global__ void vote_kernel(unsigned* out, int* sums) {
+  const int lane = static_cast<int>(threadIdx.x) % 32;
+  out[threadIdx.x] = __ballot_sync(0xffffffffu, lane % 3 == 0);
+  int v = lane;
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  sums[threadIdx.x] = v + __shfl_sync(0xffffffffu, lane, 5) * 1000 + __shfl_up_sync(0xffffffffu, lane, 1) * 100000;
+  __syncwarp();
+  const bool any = __any_sync(0xffffffffu, lane == 7), all = __all_sync(0xffffffffu, lane < 32);
+  if (lane == 0 && any && all && !__all_sync(1u, lane == 5)) atomicAdd(&sums[64], 1);
+}
+
+__global__ void divergent_barrier_kernel(int* p) {
+  if (threadIdx.x % 2 == 0) {
+    __syncthreads();
+  } else {
+    __syncthreads();
+  }
+  p[threadIdx.x] = 1;
+}
+
+__global__ void exit_before_barrier_kernel(int* p) {
+  if (threadIdx.x == 3) return;
+  __syncthreads();
+  p[threadIdx.x] = 1;
+}
+
+__global__ void divergent_shfl_kernel(int* p) {
+  if (threadIdx.x < 16) p[threadIdx.x] = __shfl_down_sync(0xffffffffu, 1, 1);
+}
+
+__global__ void shared_oob_kernel(float* p) {
+  CUDA_HOST_SHARED(float, s, 64);
+  s[threadIdx.x] = 1.0f;  // launched with 65 threads
+  __syncthreads();
+  p[threadIdx.x] = s[0];
+}
+
+__global__ void missing_sync_kernel(float* out) {
+  CUDA_HOST_SHARED(float, s, 64);
+  s[threadIdx.x] = static_cast<float>(threadIdx.x);
+  // no __syncthreads: reading a neighbour's slot races
+  out[threadIdx.x] = s[(threadIdx.x + 1) % 64];
+}
+
+int run_selftest(const std::string& name) {
+  if (name == "schedule") {
+    // deterministic for a seed, shuffled between barriers, different across seeds
+    auto run = [](unsigned long long seed) {
+      cuda_host::set_seed(seed);
+      std::vector<int> log(128);
+      int pos = 0;
+      cuda_host::launch(dim3(1), dim3(64), order_kernel, log.data(), &pos);
+      return log;
+    };
+    const auto a = run(1), b = run(1), c = run(2);
+    std::vector<int> first(a.begin(), a.begin() + 64), second(a.begin() + 64, a.end());
+    std::vector<int> sorted = first;
+    std::sort(sorted.begin(), sorted.end());
+    bool is_perm = true;
+    for (int i = 0; i < 64; ++i) is_perm &= sorted[i] == i;
+    std::sort(second.begin(), second.end());
+    for (int i = 0; i < 64; ++i) is_perm &= second[i] == i;
+    bool shuffled = false;
+    for (int i = 0; i < 64; ++i) shuffled |= first[i] != i;
+    const bool reorders = !std::equal(a.begin(), a.begin() + 64, a.begin() + 64);
+    std::printf("deterministic=%d differs_across_seeds=%d shuffled=%d reshuffled_after_barrier=%d barrier_ok=%d\n",
+                a == b, a != c, shuffled, reorders, is_perm);
+    return a == b && a != c && shuffled && reorders && is_perm ? 0 : 1;
+  }
+  if (name == "votes") {
+    std::vector<unsigned> ballots(64);
+    std::vector<int> sums(65, 0);
+    cuda_host::launch(dim3(2), dim3(64), vote_kernel, ballots.data(), sums.data());
+    unsigned want = 0;
+    for (int l = 0; l < 32; l += 3) want |= 1u << l;
+    bool ok = sums[64] == 4;  // 2 warps x 2 blocks
+    for (int t = 0; t < 64; ++t) {
+      const int lane = t % 32;
+      ok &= ballots[t] == want;
+      ok &= sums[t] == 496 + 5 * 1000 + (lane == 0 ? 0 : lane - 1) * 100000;
+    }
+    std::printf("votes/shuffles/atomics %s\n", ok ? "ok" : "WRONG");
+    return ok ? 0 : 1;
+  }
+  if (name == "missing-sync") {
+    // expected to be caught as a wrong result (reads of not-yet-written, NaN-filled slots)
+    std::vector<float> out(64);
+    cuda_host::launch(dim3(1), dim3(64), missing_sync_kernel, out.data());
+    int wrong = 0;
+    for (int t = 0; t < 64; ++t) wrong += out[t] != static_cast<float>((t + 1) % 64);
+    std::printf("missing __syncthreads: %d of 64 reads wrong\n", wrong);
+    return wrong > 0 ? 0 : 1;
+  }
+  std::vector<int> buf(1024, 0);
+  std::vector<float> fbuf(1024, 0);
+  if (name == "divergent-barrier") cuda_host::launch(dim3(1), dim3(64), divergent_barrier_kernel, buf.data());
+  else if (name == "exit-before-barrier") cuda_host::launch(dim3(1), dim3(64), exit_before_barrier_kernel, buf.data());
+  else if (name == "divergent-shfl") cuda_host::launch(dim3(1), dim3(32), divergent_shfl_kernel, buf.data());
+  else if (name == "shared-oob") cuda_host::launch(dim3(1), dim3(65), shared_oob_kernel, fbuf.data());
+  else {
+    std::fprintf(stderr, "unknown selftest %s\n", name.c_str());
+    return 2;
+  }
+  std::printf("selftest %s was expected to abort but returned\n", name.c_str());
+  return 1;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  Options o;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    auto next = [&]() -> std::string {
+      if (i + 1 >= argc) {
+        std::fprintf(stderr, "%s needs a value\n", a.c_str());
+        std::exit(2);
+      }
+      return argv[++i];
+    };
+    if (a == "--selftest") return run_selftest(next());
+    if (a == "--dtype") o.dtype = next();
+    else if (a == "--act") o.act = next();
+    else if (a == "--mode") o.mode = next();
+    else if (a == "--bias") o.bias = next() != "0";
+    else if (a == "--pad") o.pad = std::stoll(next());
+    else if (a == "--misalign") o.misalign = next() != "0";
+    else if (a == "--seed") {
+      o.seed = std::stoull(next());
+      cuda_host::set_seed(o.seed + 1);
+    } else if (a == "--mask") {
+      const std::string m = next();
+      if (m.size() != 3) return std::fprintf(stderr, "--mask takes three 0/1 digits\n"), 2;
+      for (int j = 0; j < 3; ++j) o.mask[j] = m[j] == '1';
+    } else {
+      std::array<int64_t, 3> s{};
+      if (std::sscanf(a.c_str(), "%" SCNd64 ",%" SCNd64 ",%" SCNd64, &s[0], &s[1], &s[2]) != 3)
+        return std::fprintf(stderr, "bad argument %s (want M,K,N)\n", a.c_str()), 2;
+      o.shapes.push_back(s);
+    }
+  }
+  if ((o.act != "relu" && o.act != "sigmoid") || (o.mode != "fwd" && o.mode != "bwd" && o.mode != "recompute")) {
+    std::fprintf(stderr, "bad --act or --mode\n");
+    return 2;
+  }
+  std::printf("%s %s %s bias=%d mask=%d%d%d pad=%" PRId64 " misalign=%d\n", o.dtype.c_str(), o.act.c_str(),
+              o.mode.c_str(), o.bias, o.mask[0], o.mask[1], o.mask[2], o.pad, o.misalign);
+  bool ok;
+  if (o.dtype == "f32") ok = run_all<float>(o);
+#ifndef HARNESS_ONLY_F32  // (a float32-only build compiles faster; the mutation tests use it)
+  else if (o.dtype == "f64") ok = run_all<double>(o);
+  else if (o.dtype == "f16") ok = run_all<__half>(o);
+  else if (o.dtype == "bf16") ok = run_all<__nv_bfloat16>(o);
+#endif
+  else return std::fprintf(stderr, "bad --dtype %s\n", o.dtype.c_str()), 2;
+  std::printf("%s (%llu kernel launches)\n", ok ? "PASS" : "FAIL", cuda_host::rt().launches);
+  return ok ? 0 : 1;
+}

@@ -1,0 +1,203 @@
+"""The CUDA kernels (csrc/cuda/kernels.cuh) executed on the CPU by the host-execution harness
+(tests/cuda_harness/cuda_host.h), built with g++ under AddressSanitizer + UBSan, against a plain
+double-precision host reference. Needs g++ only: no nvcc, no GPU.
+
+The harness binary is cached under build/cuda_harness/<hash of sources and flags>/, so repeated
+runs only pay for the kernels' execution.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers import ODD_SHAPES
+
+ROOT = Path(__file__).resolve().parents[1]
+HARNESS_DIR = ROOT / "tests" / "cuda_harness"
+KERNEL_SOURCES = [ROOT / "csrc" / "activation.h", ROOT / "csrc" / "cuda" / "launch.h",
+                  ROOT / "csrc" / "cuda" / "kernels.cuh"]
+HARNESS_SOURCES = [HARNESS_DIR / "cuda_host.h", HARNESS_DIR / "harness_main.cpp"]
+CXX = os.environ.get("CXX", "g++")
+SAN_FLAGS = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
+FLAGS = ["-std=c++20", "-O1", "-g", "-Wall", "-Wno-unknown-pragmas", *SAN_FLAGS]
+# ASan's makecontext/swapcontext notice is expected (the fibers are annotated for it).
+ENV = {**os.environ, "ASAN_OPTIONS": "detect_leaks=1:abort_on_error=0:halt_on_error=1",
+       "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1"}
+
+# odd shapes (0 rows, K=1, N=1, not multiples of any tile) plus tile-boundary shapes of both
+# the FMA tiles (128x128x8 / 64x64x8) and the WMMA tiles (64x64x32)
+SHAPES = [*ODD_SHAPES, (64, 64, 64), (129, 32, 130), (128, 8, 128), (65, 33, 64)]
+DTYPES = ("f64", "f32", "f16", "bf16")
+MODES = ("fwd", "bwd", "recompute")
+# layout / argument variants: aligned (16-byte vector loads), misaligned + padded rows (scalar
+# path, strided), no bias with dw masked out, only dw with padded rows
+VARIANTS = {
+    "aligned": [],
+    "misaligned-strided": ["--misalign", "1", "--pad", "3"],
+    "nobias-mask101": ["--bias", "0", "--mask", "101"],
+    "mask010-strided": ["--mask", "010", "--pad", "8"],
+}
+
+
+def _shape_args(shapes):
+    return [f"{m},{k},{n}" for m, k, n in shapes]
+
+
+def _have_sanitizers(build_dir: Path) -> str | None:
+    probe = build_dir / "probe.cpp"
+    probe.write_text("int main() { return 0; }\n")
+    r = subprocess.run([CXX, *SAN_FLAGS, str(probe), "-o", str(build_dir / "probe")], capture_output=True, text=True)
+    return None if r.returncode == 0 else r.stderr[-2000:]
+
+
+@contextlib.contextmanager
+def _lock(path: Path):
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def build_harness(kernel_header: Path | None = None, extra_flags=(), tag="harness") -> Path:
+    """Compiles harness_main.cpp (with `kernel_header` in place of csrc/cuda/kernels.cuh if given)."""
+    if shutil.which(CXX) is None:
+        pytest.skip(f"no C++ compiler ({CXX}) to build the host-execution harness")
+    h = hashlib.sha256()
+    srcs = HARNESS_SOURCES + KERNEL_SOURCES + ([kernel_header] if kernel_header else [])
+    for p in srcs:
+        h.update(p.read_bytes())
+    flags = FLAGS + list(extra_flags)
+    h.update(" ".join(flags).encode())
+    h.update(subprocess.run([CXX, "--version"], capture_output=True, text=True).stdout.encode())
+    out_dir = ROOT / "build" / "cuda_harness" / h.hexdigest()[:16]
+    exe = out_dir / tag
+    if exe.exists():
+        return exe
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with _lock(out_dir / f"{tag}.lock"):
+        if exe.exists():
+            return exe
+        problem = _have_sanitizers(out_dir)
+        if problem is not None:
+            pytest.skip(f"{CXX} cannot link -fsanitize=address,undefined here:\n{problem}")
+        include = ["-I", str(ROOT / "csrc"), "-I", str(HARNESS_DIR)]
+        if kernel_header is not None:
+            # a private csrc/ tree with the replaced kernels.cuh, first on the include path
+            alt = out_dir / f"{tag}-src"
+            (alt / "cuda").mkdir(parents=True, exist_ok=True)
+            shutil.copy(ROOT / "csrc" / "activation.h", alt / "activation.h")
+            shutil.copy(ROOT / "csrc" / "cuda" / "launch.h", alt / "cuda" / "launch.h")
+            shutil.copy(kernel_header, alt / "cuda" / "kernels.cuh")
+            include = ["-I", str(alt), "-I", str(HARNESS_DIR)]
+        tmp = out_dir / f"{tag}.tmp"
+        cmd = [CXX, *flags, *include, str(HARNESS_DIR / "harness_main.cpp"), "-o", str(tmp)]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise AssertionError(f"harness build failed:\n{' '.join(cmd)}\n{r.stderr[-8000:]}")
+        os.replace(tmp, exe)
+    return exe
+
+
+@pytest.fixture(scope="session")
+def harness() -> Path:
+    return build_harness()
+
+
+def run(exe: Path, *args, seed=None, timeout=600):
+    env = dict(ENV)
+    if seed is not None:
+        env["CUDA_HOST_SEED"] = str(seed)
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def _report(r) -> str:
+    return f"exit {r.returncode}\n--- stdout\n{r.stdout[-6000:]}\n--- stderr\n{r.stderr[-6000:]}"
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("act", ("relu", "sigmoid"))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kernels_match_host_reference(harness, dtype, act, mode, variant):
+    r = run(harness, "--dtype", dtype, "--act", act, "--mode", mode, *VARIANTS[variant], *_shape_args(SHAPES))
+    assert r.returncode == 0 and "PASS" in r.stdout, _report(r)
+
+
+@pytest.mark.parametrize("seed", [2, 3])
+def test_result_independent_of_schedule(harness, seed):
+    # other shuffles of threads and blocks: same (correct) answers
+    for dtype in ("f32", "f16"):
+        r = run(harness, "--dtype", dtype, "--act", "sigmoid", "--mode", "bwd", *_shape_args([(130, 65, 33)]),
+                seed=seed)
+        assert r.returncode == 0, _report(r)
+
+
+def test_wide_problem(harness):
+    # several blocks in every grid dimension, all three GEMM forms and both db stages
+    r = run(harness, "--dtype", "f32", "--act", "relu", "--mode", "recompute", *_shape_args([(300, 70, 260)]))
+    assert r.returncode == 0, _report(r)
+
+
+@pytest.mark.parametrize("name", ["schedule", "votes", "missing-sync"])
+def test_harness_selftest(harness, name):
+    r = run(harness, "--selftest", name)
+    assert r.returncode == 0, _report(r)
+
+
+@pytest.mark.parametrize("name, expect", [
+    ("divergent-barrier", "divergent barrier"),
+    ("exit-before-barrier", "has exited"),
+    ("divergent-shfl", "deadlock"),
+    ("shared-oob", "AddressSanitizer: heap-buffer-overflow"),
+])
+def test_harness_fails_loudly(harness, name, expect):
+    r = run(harness, "--selftest", name)
+    assert r.returncode != 0, _report(r)
+    assert expect in r.stderr, _report(r)
+
+
+# Deliberate bugs: each mutation of kernels.cuh must make the harness fail. Built float32-only
+# (HARNESS_ONLY_F32) to keep these extra builds short.
+MUTATIONS = {
+    "fma-missing-syncthreads": (
+        "        for (int j = 0; j < C::TN; ++j) acc[i][j] = ra[i] * rb[j] + acc[i][j];\n    }\n    __syncthreads();",
+        "        for (int j = 0; j < C::TN; ++j) acc[i][j] = ra[i] * rb[j] + acc[i][j];\n    }\n",
+        ["--mode", "fwd"], "MISMATCH"),
+    "fma-off-by-one-row-bound": (
+        "if (r < M && c < N) epi(r, c, acc[i][j]);", "if (r <= M && c < N) epi(r, c, acc[i][j]);",
+        ["--mode", "fwd"], "AddressSanitizer"),
+    "tile-loader-off-by-one-k": (
+        "if (r < rows && k < red) {\n      const T* q = KC", "if (r < rows && k <= red) {\n      const T* q = KC",
+        ["--mode", "fwd", "--misalign", "1"], "AddressSanitizer"),
+    "db-missing-syncthreads": (
+        "  red[group * kDbCols + lane] = s;\n  __syncthreads();", "  red[group * kDbCols + lane] = s;\n",
+        ["--mode", "bwd"], "MISMATCH"),
+}
+
+
+@pytest.mark.parametrize("name", list(MUTATIONS))
+def test_harness_catches_deliberate_bug(name, tmp_path):
+    old, new, args, expect = MUTATIONS[name]
+    src = (ROOT / "csrc" / "cuda" / "kernels.cuh").read_text()
+    assert src.count(old) == 1, f"mutation anchor for {name} not found once in kernels.cuh"
+    mutated = tmp_path / "kernels.cuh"
+    mutated.write_text(src.replace(old, new))
+    exe = build_harness(mutated, extra_flags=["-DHARNESS_ONLY_F32"], tag=f"mutant-{name}")
+    r = run(exe, "--dtype", "f32", "--act", "relu", *args, *_shape_args([(37, 13, 11), (130, 65, 33)]))
+    assert r.returncode != 0, f"the harness did not notice {name}:\n{_report(r)}"
+    assert expect in r.stdout + r.stderr, _report(r)
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-v"]))
