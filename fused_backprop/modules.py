@@ -6,12 +6,15 @@ both ways."""
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
 from torch import nn
 
-from ._checks import check_activation, check_recompute
+from . import backends
+from ._checks import check_activation, check_linear_args, check_recompute
+from .block import BlockFunction, LayerSpec
 from .functional import linear_act
 
 
@@ -81,10 +84,11 @@ class FusedMLP(nn.Module):
 
     ``last_activation=False`` makes the last layer a plain ``nn.Linear`` (logits).
     ``recompute``: "none" caches each layer's output; "layer" recomputes each pre-activation in
-    backward; "block" (one recomputation over the whole stack) is not implemented yet."""
+    backward; "block" saves only the stack's input and recomputes the whole stack in backward with
+    the fused kernels (``fused_backprop.block``)."""
 
     def __init__(self, sizes: Sequence[int], activation: str = "relu", *, last_activation: bool = True,
-                 recompute: str = "none", backend: str = "auto", device=None, dtype=None):
+                 recompute: str = "none", backend: str = "auto", bias: bool = True, device=None, dtype=None):
         super().__init__()
         sizes = list(sizes)
         if len(sizes) < 2:
@@ -92,19 +96,26 @@ class FusedMLP(nn.Module):
         check_activation(activation)
         if recompute not in RECOMPUTE_MODES:
             raise ValueError(f"recompute must be one of {RECOMPUTE_MODES}, got {recompute!r}")
-        if recompute == "block":
-            raise NotImplementedError("FusedMLP(recompute='block') is not implemented yet; use 'none' or 'layer'")
-        self.sizes, self.activation, self.recompute = sizes, activation, recompute
+        self.sizes, self.activation, self.recompute, self.backend = sizes, activation, recompute, backend
         layers = []
         for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
             if i == len(sizes) - 2 and not last_activation:
-                layers.append(nn.Linear(n_in, n_out, device=device, dtype=dtype))
+                layers.append(nn.Linear(n_in, n_out, bias=bias, device=device, dtype=dtype))
             else:
-                layers.append(FUSED_LAYERS[activation](n_in, n_out, recompute=recompute == "layer",
+                layers.append(FUSED_LAYERS[activation](n_in, n_out, bias=bias, recompute=recompute == "layer",
                                                        backend=backend, device=device, dtype=dtype))
         self.layers = nn.ModuleList(layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.layers:
-            x = layer(x)
-        return x
+        if self.recompute != "block":
+            for layer in self.layers:
+                x = layer(x)
+            return x
+        first = self.layers[0]
+        check_linear_args(x, first.weight, first.bias)
+        impl = backends.resolve(self.backend, x.device)
+        specs = tuple(LayerSpec(getattr(lay, "activation", None), lay.bias is not None) for lay in self.layers)
+        params = [p for lay in self.layers for p in (lay.weight, lay.bias) if p is not None]
+        flat = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
+        out = BlockFunction.apply(flat, specs, impl, *params)
+        return out.reshape(*x.shape[:-1], out.shape[-1])

@@ -75,11 +75,6 @@ def test_mlp_matches_sequential(activation, recompute, last_activation):
         assert_close(a.grad, e.grad)
 
 
-def test_mlp_block_recompute_not_implemented_yet():
-    with pytest.raises(NotImplementedError, match="block"):
-        fb.FusedMLP([4, 4], recompute="block")
-
-
 def test_fuse_replaces_linear_activation_pairs():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Sequential(nn.Linear(8, 8), nn.Sigmoid()),

@@ -1,0 +1,102 @@
+"""Block recomputation for a stack of layers (``FusedMLP(recompute="block")``).
+
+One ``autograd.Function`` over the whole stack saves only the block input (and the parameters,
+which the model holds anyway). Backward first reruns the fused forward kernels under no_grad to
+rebuild the layer outputs (no autograd graph is built, unlike ``torch.utils.checkpoint``), then
+runs each layer's fused backward from the last layer to the first, dropping every recomputed
+output as soon as the layer that produced it is done.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import backends
+from .backends import Backend
+
+
+class LayerSpec(NamedTuple):
+    activation: Optional[str]  # None: a plain linear layer (the logits of last_activation=False)
+    has_bias: bool
+
+
+def _split_params(specs, params):
+    """[(weight, bias or None)] per layer from the flat parameter list."""
+    out, i = [], 0
+    for spec in specs:
+        w, b = params[i], params[i + 1] if spec.has_bias else None
+        i += 2 if spec.has_bias else 1
+        out.append((w, b))
+    return out
+
+
+def _layer_forward(backend: Backend, spec: LayerSpec, x, w, b):
+    if spec.activation is None:
+        return F.linear(x, w, b)
+    return backend.forward(x, w, b, spec.activation)
+
+
+def _stack_forward(backend, specs, x, layers):
+    for spec, (w, b) in zip(specs, layers):
+        x = _layer_forward(backend, spec, x, w, b)
+    return x
+
+
+class BlockFunction(torch.autograd.Function):
+    """``stack(x)`` for a 2-D x; saves x and the parameters only."""
+
+    @staticmethod
+    def forward(ctx, x, specs: tuple, backend: Backend, *params):
+        ctx.specs, ctx.backend = specs, backend
+        ctx.save_for_backward(x, *params)
+        return _stack_forward(backend, specs, x, _split_params(specs, params))
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, *params = ctx.saved_tensors
+        specs, backend = ctx.specs, ctx.backend
+        layers = _split_params(specs, params)
+        if torch.is_grad_enabled():
+            grads = _differentiable_backward(specs, x, params, layers, grad_out, ctx.needs_input_grad)
+        else:
+            grads = _fused_backward(backend, specs, x, layers, grad_out, ctx.needs_input_grad)
+        return (grads[0], None, None, *grads[1:])
+
+
+def _fused_backward(backend, specs, x, layers, grad, needs_input_grad):
+    # Rebuild the layer outputs: hidden[i] is layer i's input, hidden[i + 1] its output (a plain
+    # linear last layer's output is not needed: its derivative is the identity).
+    hidden = [x]
+    n_rebuild = len(specs) - (specs[-1].activation is None)
+    for spec, (w, b) in zip(specs[:n_rebuild], layers[:n_rebuild]):
+        hidden.append(_layer_forward(backend, spec, hidden[-1], w, b))
+    flags = iter(needs_input_grad[3:])
+    param_needs = [(next(flags), next(flags) if b is not None else False) for _, b in layers]
+    param_grads = []
+    for i in reversed(range(len(specs))):
+        spec, (w, b) = specs[i], layers[i]
+        out = hidden.pop() if spec.activation is not None else None  # freed once this layer is done
+        mask = (i > 0 or needs_input_grad[0], *param_needs[i])
+        if spec.activation is None:
+            dx = grad.mm(w) if mask[0] else None
+            dw = grad.t().mm(hidden[i]) if mask[1] else None
+            db = grad.sum(0) if mask[2] else None
+        else:
+            dx, dw, db = backend.backward(grad, hidden[i], w, b, out, spec.activation, mask)
+        del out
+        param_grads[:0] = [dw] + ([db] if b is not None else [])
+        grad = dx
+    return [grad, *param_grads]
+
+
+def _differentiable_backward(specs, x, params, layers, grad_out, needs_input_grad):
+    """Double backward: the same gradients built from composite torch ops, so autograd can
+    differentiate them again."""
+    torch_backend = backends.get("torch")
+    out = _stack_forward(torch_backend, specs, x, layers)
+    wanted = [t for t, need in zip([x, *params], [needs_input_grad[0], *needs_input_grad[3:]]) if need]
+    found = iter(torch.autograd.grad(out, wanted, grad_out, create_graph=True, allow_unused=True))
+    return [next(found) if need else None for need in [needs_input_grad[0], *needs_input_grad[3:]]]
