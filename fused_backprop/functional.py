@@ -21,6 +21,7 @@ def linear_act(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     ``recompute=True`` saves only input and parameters for backward and recomputes the
     pre-activation there instead of keeping the output. ``backend`` is "auto" (fastest built
     backend for the input's device) or one of ``fused_backprop.available_backends(device)``."""
+    input, weight, bias = autocast_args(input, weight, bias)
     check_linear_args(input, weight, bias)
     check_activation(activation)
     check_recompute(recompute)
@@ -28,6 +29,20 @@ def linear_act(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     x = input.reshape(math.prod(input.shape[:-1]), input.shape[-1])
     out = LinearActFunction.apply(x, weight, bias, activation, recompute, impl)
     return out.reshape(*input.shape[:-1], weight.shape[0])
+
+
+def autocast_args(input, weight, bias):
+    """Under ``torch.autocast`` the layer computes in the autocast dtype, exactly where
+    ``nn.Linear`` would (linear is on autocast's lower-precision list): floating tensors are cast
+    to it before the fused op, and autograd carries the gradients back to their own dtypes."""
+    if not isinstance(input, torch.Tensor) or not torch.is_autocast_enabled(input.device.type):
+        return input, weight, bias
+    dtype = torch.get_autocast_dtype(input.device.type)
+
+    def cast(t):
+        return t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+
+    return cast(input), cast(weight), cast(bias)
 
 
 def linear_relu(input, weight, bias=None, *, recompute: bool = False, backend: str = "auto"):

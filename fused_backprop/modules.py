@@ -15,7 +15,7 @@ from torch import nn
 from . import backends
 from ._checks import check_activation, check_linear_args, check_recompute
 from .block import BlockFunction, LayerSpec
-from .functional import linear_act
+from .functional import autocast_args, linear_act
 
 
 class FusedLinearAct(nn.Module):
@@ -111,11 +111,12 @@ class FusedMLP(nn.Module):
             for layer in self.layers:
                 x = layer(x)
             return x
+        params = [autocast_args(x, p, None)[1] for lay in self.layers for p in (lay.weight, lay.bias) if p is not None]
+        x = autocast_args(x, None, None)[0]
         first = self.layers[0]
-        check_linear_args(x, first.weight, first.bias)
+        check_linear_args(x, params[0], params[1] if first.bias is not None else None)
         impl = backends.resolve(self.backend, x.device)
         specs = tuple(LayerSpec(getattr(lay, "activation", None), lay.bias is not None) for lay in self.layers)
-        params = [p for lay in self.layers for p in (lay.weight, lay.bias) if p is not None]
         flat = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
         out = BlockFunction.apply(flat, specs, impl, *params)
         return out.reshape(*x.shape[:-1], out.shape[-1])

@@ -83,7 +83,7 @@ def test_backend_on_wrong_device():
     ("x_3d", ValueError, r"input must be 2-D"),
     ("w_wrong", ValueError, r"weight must have in_features = 5 columns"),
     ("b_wrong", ValueError, r"bias must have shape \(3,\)"),
-    ("half", TypeError, r"input dtype must be one of Float, Double, BFloat16"),
+    ("complex", TypeError, r"input dtype must be one of Float, Double, BFloat16, Half"),
     ("int", TypeError, r"input dtype must be one of"),
     ("mixed", TypeError, r"weight must have the same dtype as input"),
     ("activation", ValueError, r"activation must be 'relu' or 'sigmoid', got 'tanh'"),
@@ -99,8 +99,8 @@ def test_op_errors(case, exc, match):
         w = torch.randn(3, 6, dtype=x.dtype)
     elif case == "b_wrong":
         b = torch.randn(2, dtype=x.dtype)
-    elif case == "half":
-        x, w, b = x.half(), w.half(), b.half()
+    elif case == "complex":
+        x, w, b = x.cfloat(), w.cfloat(), b.cfloat()
     elif case == "int":
         x, w, b = x.int(), w.int(), b.int()
     elif case == "mixed":

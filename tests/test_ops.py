@@ -56,7 +56,7 @@ def test_backward_op_is_differentiable(recompute, activation):
     assert torch.autograd.gradcheck(f, (g, x, w, b, out))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("recompute", [False, True])
 def test_ops_match_torch_backend(dtype, activation, recompute):

@@ -1,7 +1,7 @@
 // Row-major GEMM on raw pointers for the CPU kernels: C = A·B (+ C when accumulate), where each
 // operand may be stored transposed. float and double go straight to the BLAS that ATen itself
 // uses (MKL's sgemm_/dgemm_, resolved weakly: a torch build without them falls back to at::mm);
-// bfloat16 goes through at::mm (oneDNN, fp32 accumulation). Calling BLAS directly avoids the
+// bfloat16 and float16 go through at::mm (oneDNN, fp32 accumulation). Calling BLAS directly avoids the
 // dispatcher and tensor allocations per row panel, which matter at small K and N.
 #pragma once
 

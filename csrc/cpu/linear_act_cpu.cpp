@@ -23,7 +23,7 @@
 namespace fused_backprop::cpu {
 namespace {
 
-constexpr at::ScalarType kDtypes[] = {at::kFloat, at::kDouble, at::kBFloat16};
+constexpr at::ScalarType kDtypes[] = {at::kFloat, at::kDouble, at::kBFloat16, at::kHalf};
 // Bytes of one panel's working set that should stay in (a share of) L2.
 constexpr int64_t kPanelBytes = 256 * 1024;
 constexpr int64_t kL2Bytes = 1024 * 1024;
@@ -133,7 +133,7 @@ at::Tensor linear_act_fwd(const at::Tensor& x_in, const at::Tensor& weight_in, c
   const int64_t m = x.size(0), k = x.size(1), n = w.size(0);
   at::Tensor out = at::empty({m, n}, x.options());
   if (m == 0 || n == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "linear_act_fwd_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "linear_act_fwd_cpu", [&] {
     dispatch_activation(act, [&]<Activation A>() {
       forward_kernel<scalar_t, A>(x.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
                                   b.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), m, k, n);
@@ -162,7 +162,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_bwd(const at::Tensor& 
     dx.zero_(), dw.zero_(), db.zero_();
     return {dx, dw, db};
   }
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "linear_act_bwd_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "linear_act_bwd_cpu", [&] {
     dispatch_activation(act, [&]<Activation A>() {
       auto ptr = [](at::Tensor& t, bool on) { return on ? t.mutable_data_ptr<scalar_t>() : nullptr; };
       backward_kernel<scalar_t, A>(g.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
