@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from . import backends
+from . import backends, sign_mask
 from .backends import Backend
 
 
@@ -31,25 +31,27 @@ def _output_mask(needs_input_grad, bias) -> tuple[bool, bool, bool]:
 
 class LinearActFunction(torch.autograd.Function):
     """``act(x @ weight.T + bias)`` for a 2-D x on a chosen backend. Saves (x, weight, bias, out),
-    or only (x, weight, bias) with ``recompute=True``."""
+    or with ``recompute=True`` only (x, weight, bias) — plus, for relu, the 1-bit sign mask of the
+    output, which spares backward the pre-activation GEMM (``sign_mask``)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, activation: str, recompute: bool, backend: Backend):
         out = backend.forward(x, weight, bias, activation)
         ctx.activation, ctx.backend, ctx.recompute = activation, backend, recompute
-        if recompute:
-            ctx.save_for_backward(x, weight, bias)
-        else:
+        if not recompute:
             ctx.save_for_backward(x, weight, bias, out)
+        elif activation == "relu":
+            ctx.out_shape = out.shape
+            ctx.save_for_backward(x, weight, bias, sign_mask.pack(out))
+        else:
+            ctx.save_for_backward(x, weight, bias, None)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        if ctx.recompute:
-            x, weight, bias = ctx.saved_tensors
-            out = None
-        else:
-            x, weight, bias, out = ctx.saved_tensors
+        x, weight, bias, out = ctx.saved_tensors
+        if ctx.recompute and out is not None:
+            out = sign_mask.unpack(out, ctx.out_shape, x.dtype)
         dx, dw, db = linear_act_backward(grad_out, x, weight, bias, out, ctx.activation,
                                          _output_mask(ctx.needs_input_grad, bias), ctx.backend)
         return dx, dw, db, None, None, None

@@ -1,0 +1,34 @@
+"""A 1-bit packed mask of where relu passes the gradient (``~(y <= 0)``: NaN passes, as in torch).
+
+ReLU's backward needs only this sign, so a layer that does not keep its output (``recompute=True``)
+can keep these bits instead: 32x smaller than a float32 output, and no pre-activation GEMM to
+recompute in backward."""
+
+from __future__ import annotations
+
+import torch
+
+_BITS = 8
+
+
+def _weights(device):
+    return torch.tensor([1 << i for i in range(_BITS)], dtype=torch.uint8, device=device)
+
+
+def pack(out: torch.Tensor) -> torch.Tensor:
+    """uint8 tensor of ceil(out.numel() / 8) bytes; bit i of byte j is element 8j + i."""
+    bits = (out <= 0).logical_not_().flatten()
+    pad = -bits.numel() % _BITS
+    if pad:
+        bits = torch.cat([bits, bits.new_zeros(pad)])
+    return (bits.view(-1, _BITS).to(torch.uint8) * _weights(out.device)).sum(1, dtype=torch.uint8)
+
+
+def unpack(packed: torch.Tensor, shape, dtype) -> torch.Tensor:
+    """The mask as 0/1 values of ``dtype`` and ``shape``: relu's derivative, and a stand-in for
+    the layer output in relu's backward (relu'(0/1) = 0/1)."""
+    numel = 1
+    for s in shape:
+        numel *= s
+    bits = (packed[:, None] & _weights(packed.device)) != 0
+    return bits.flatten()[:numel].view(shape).to(dtype)

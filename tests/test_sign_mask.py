@@ -1,0 +1,41 @@
+"""ReLU under recompute keeps a packed 1-bit sign mask instead of its output."""
+
+import pytest
+import torch
+
+import fused_backprop as fb
+from fused_backprop import sign_mask
+
+
+@pytest.mark.parametrize("shape", [(0, 3), (1, 1), (3, 5), (7, 8), (2, 3, 9)])
+def test_pack_unpack_roundtrip(shape):
+    y = torch.relu(torch.randn(shape))
+    if y.numel():
+        y.view(-1)[0] = float("nan")
+    packed = sign_mask.pack(y)
+    assert packed.dtype == torch.uint8 and packed.numel() == -(-y.numel() // 8)
+    want = (y <= 0).logical_not().double()
+    assert torch.equal(sign_mask.unpack(packed, y.shape, torch.float64), want)
+
+
+def saved_bytes(fn):
+    storages = {}
+
+    def pack_hook(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack_hook, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
+def test_relu_recompute_saves_mask_not_output():
+    x = torch.randn(4096, 64, requires_grad=True)
+    w = torch.randn(256, 64, requires_grad=True)
+    param_bytes = w.numel() * 4
+    out_bytes = 4096 * 256 * 4
+    kept = saved_bytes(lambda: fb.linear_relu(x, w, recompute=False).sum()) - param_bytes - x.numel() * 4
+    masked = saved_bytes(lambda: fb.linear_relu(x, w, recompute=True).sum()) - param_bytes - x.numel() * 4
+    assert kept == out_bytes
+    assert masked == out_bytes // 32
