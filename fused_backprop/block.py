@@ -2,9 +2,9 @@
 
 One ``autograd.Function`` over the whole stack saves only the block input (and the parameters,
 which the model holds anyway). Backward first reruns the fused forward kernels under no_grad to
-rebuild the layer outputs (no autograd graph is built, unlike ``torch.utils.checkpoint``), then
+rebuild the layer inputs (no autograd graph is built, unlike ``torch.utils.checkpoint``), then
 runs each layer's fused backward from the last layer to the first, dropping every recomputed
-output as soon as the layer that produced it is done.
+activation as soon as the last layer that reads it is done.
 """
 
 from __future__ import annotations
@@ -67,18 +67,17 @@ class BlockFunction(torch.autograd.Function):
 
 
 def _fused_backward(backend, specs, x, layers, grad, needs_input_grad):
-    # Rebuild the layer outputs: hidden[i] is layer i's input, hidden[i + 1] its output (a plain
-    # linear last layer's output is not needed: its derivative is the identity).
+    # Rebuild each layer's input: hidden[i] feeds layer i. The last layer's output is not rebuilt:
+    # its backward recomputes the pre-activation in cache (the same GEMM, one activation less held).
     hidden = [x]
-    n_rebuild = len(specs) - (specs[-1].activation is None)
-    for spec, (w, b) in zip(specs[:n_rebuild], layers[:n_rebuild]):
+    for spec, (w, b) in zip(specs[:-1], layers[:-1]):
         hidden.append(_layer_forward(backend, spec, hidden[-1], w, b))
     flags = iter(needs_input_grad[3:])
     param_needs = [(next(flags), next(flags) if b is not None else False) for _, b in layers]
     param_grads = []
+    out = None  # layer i's output, hidden[i + 1]: dropped once layer i is done
     for i in reversed(range(len(specs))):
         spec, (w, b) = specs[i], layers[i]
-        out = hidden.pop() if spec.activation is not None else None  # freed once this layer is done
         mask = (i > 0 or needs_input_grad[0], *param_needs[i])
         if spec.activation is None:
             dx = grad.mm(w) if mask[0] else None
@@ -86,7 +85,7 @@ def _fused_backward(backend, specs, x, layers, grad, needs_input_grad):
             db = grad.sum(0) if mask[2] else None
         else:
             dx, dw, db = backend.backward(grad, hidden[i], w, b, out, spec.activation, mask)
-        del out
+        out = hidden.pop()
         param_grads[:0] = [dw] + ([db] if b is not None else [])
         grad = dx
     return [grad, *param_grads]

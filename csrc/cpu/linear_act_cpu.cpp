@@ -6,8 +6,8 @@
 //   backward  dz_p  = g_p ⊙ act'(y_p)                    (or act'(x_p · Wᵀ + b) under recompute)
 //             db   += column sums of dz_p                 per-panel partials, summed in order
 //             dx_p  = dz_p · W                            GEMM on the cached panel
-//             dW   += dz_pᵀ · x_p                         per-thread accumulators when dW is small,
-//                                                         else dz is kept and dW = dzᵀ·x is one GEMM
+//             dW   += dz_pᵀ · x_p                         per-thread accumulators (float, double);
+//                                                         16-bit: dz is kept, dW = dzᵀ·x is one GEMM
 // Every reduction has a fixed order for a given thread count, so results are deterministic.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -27,24 +27,26 @@ constexpr at::ScalarType kDtypes[] = {at::kFloat, at::kDouble, at::kBFloat16, at
 // Bytes of one panel's working set that should stay in (a share of) L2.
 constexpr int64_t kPanelBytes = 256 * 1024;
 constexpr int64_t kL2Bytes = 1024 * 1024;
-// Per-thread dW accumulators are used up to this size; above it dz is kept and dW is one GEMM.
-constexpr int64_t kPerThreadDwBytes = 512 * 1024;
+// Backward panels when W outgrows L2: each panel streams W (and the thread's dW accumulator)
+// once for two GEMMs of this many rows, a few percent of their time, while the per-thread dz
+// scratch stays small (the backward then holds no (M, N) buffer beyond its inputs and dx).
+constexpr int64_t kBackwardRowsLargeW = 512;
 
 // Rows per panel. While W fits in L2, panels of kPanelBytes (at least 256 rows) keep each panel's
-// rows in cache between the GEMM and the elementwise work. A W larger than L2 would be streamed
-// again for every panel, so then each thread takes one panel: the GEMM dominates anyway.
-// Measured at (8192, 1024, 1024): 128-row panels 1.18x addmm, one panel per thread 1.03x.
-int64_t panel_rows(int64_t m, int64_t row_bytes, int64_t weight_bytes) {
+// rows in cache between the GEMM and the elementwise work. A W larger than L2 is streamed again
+// for every panel, so then panels take large_w_rows rows (the GEMMs dominate anyway). Measured
+// forward at (8192, 1024, 1024): 128-row panels 1.18x addmm, one panel per thread 1.03x.
+int64_t panel_rows(int64_t m, int64_t row_bytes, int64_t weight_bytes, int64_t large_w_rows) {
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t per_thread = (m + threads - 1) / threads;
-  if (weight_bytes > kL2Bytes) return std::max<int64_t>(1, per_thread);
+  if (weight_bytes > kL2Bytes) return std::max<int64_t>(1, std::min(per_thread, large_w_rows));
   const int64_t rows = std::max<int64_t>(256, kPanelBytes / std::max<int64_t>(row_bytes, 1));
   return std::max<int64_t>(1, std::min(rows, per_thread));
 }
 
 template <typename T, Activation A>
 void forward_kernel(const T* x, const T* w, const T* b, T* out, int64_t m, int64_t k, int64_t n) {
-  const int64_t rows = panel_rows(m, (k + n) * int64_t(sizeof(T)), n * k * int64_t(sizeof(T)));
+  const int64_t rows = panel_rows(m, (k + n) * int64_t(sizeof(T)), n * k * int64_t(sizeof(T)), m);
   const int64_t panels = (m + rows - 1) / rows;
   at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
@@ -63,11 +65,12 @@ template <typename T, Activation A>
 void backward_kernel(const T* g, const T* x, const T* w, const T* b, const T* y, int64_t m, int64_t k, int64_t n,
                      T* dx, T* dw, T* db) {
   using acc_t = at::opmath_type<T>;
-  const int64_t rows = panel_rows(m, (2 * n + k) * int64_t(sizeof(T)), n * k * int64_t(sizeof(T)));
+  const int64_t rows = panel_rows(m, (2 * n + k) * int64_t(sizeof(T)), n * k * int64_t(sizeof(T)), kBackwardRowsLargeW);
   const int64_t panels = (m + rows - 1) / rows;
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  const bool per_thread_dw =
-      dw != nullptr && kVectorized<T> && n * k * int64_t(sizeof(T)) <= kPerThreadDwBytes;
+  // dW: per-thread accumulators in T for float/double; 16-bit types keep dz and make dW one
+  // GEMM with float accumulation instead of summing rounded partials.
+  const bool per_thread_dw = dw != nullptr && kVectorized<T>;
 
   // dz lives in a per-thread panel buffer, or in one (m, n) buffer when dW needs all of it.
   const bool keep_dz = dw != nullptr && !per_thread_dw;
