@@ -37,6 +37,10 @@ void check_like_x(const at::Tensor& x, const at::Tensor& t, const char* name) {
 
 }  // namespace
 
+bool is_sign_mask(const std::optional<at::Tensor>& out) {
+  return out.has_value() && out->scalar_type() == at::kByte;
+}
+
 Activation check_forward_args(const at::Tensor& x, const at::Tensor& weight,
                               const std::optional<at::Tensor>& bias, std::string_view activation,
                               at::ArrayRef<at::ScalarType> dtypes) {
@@ -62,13 +66,21 @@ Activation check_forward_args(const at::Tensor& x, const at::Tensor& weight,
 Activation check_backward_args(const at::Tensor& grad_out, const at::Tensor& x,
                                const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                const std::optional<at::Tensor>& out, std::string_view activation,
-                               at::ArrayRef<at::ScalarType> dtypes) {
+                               at::ArrayRef<at::ScalarType> dtypes, bool accept_sign_mask) {
   const Activation act = check_forward_args(x, weight, bias, activation, dtypes);
   const std::array<int64_t, 2> expected{x.size(0), weight.size(0)};
   check_like_x(x, grad_out, "grad_out");
   TORCH_CHECK_VALUE(grad_out.sizes() == at::IntArrayRef(expected), "fused_backprop: grad_out must have shape ",
                     at::IntArrayRef(expected), ", got ", grad_out.sizes());
-  if (out.has_value()) {
+  if (accept_sign_mask && is_sign_mask(out)) {
+    const int64_t bytes = (expected[0] * expected[1] + 7) / 8;
+    TORCH_CHECK_VALUE(act == Activation::ReLU, "fused_backprop: out may be a packed sign mask (uint8) only for "
+                      "activation 'relu', got '", std::string(activation), "'");
+    TORCH_CHECK(out->device() == x.device(), "fused_backprop: out must be on the same device as input (",
+                x.device(), "), got ", out->device());
+    TORCH_CHECK_VALUE(out->dim() == 1 && out->size(0) == bytes, "fused_backprop: out as a packed sign mask must "
+                      "have shape (", bytes, ",) = ceil(M * N / 8) bytes, got ", out->sizes());
+  } else if (out.has_value()) {
     check_like_x(x, *out, "out");
     TORCH_CHECK_VALUE(out->sizes() == at::IntArrayRef(expected), "fused_backprop: out must have shape ",
                       at::IntArrayRef(expected), ", got ", out->sizes());

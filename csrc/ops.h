@@ -23,10 +23,16 @@ Activation check_forward_args(const at::Tensor& x, const at::Tensor& weight,
                               at::ArrayRef<at::ScalarType> dtypes);
 
 // Checks linear_act_bwd's arguments: the forward's, plus grad_out (M, N) and out (M, N) or None.
+// With accept_sign_mask, out may instead be relu's packed sign mask: uint8 of ceil(M * N / 8)
+// bytes, bit i of byte j set where element 8j + i of the output is not <= 0
+// (fused_backprop/sign_mask.py).
 Activation check_backward_args(const at::Tensor& grad_out, const at::Tensor& x,
                                const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                const std::optional<at::Tensor>& out, std::string_view activation,
-                               at::ArrayRef<at::ScalarType> dtypes);
+                               at::ArrayRef<at::ScalarType> dtypes, bool accept_sign_mask = false);
+
+// Whether linear_act_bwd's out is a packed sign mask rather than the layer output.
+bool is_sign_mask(const std::optional<at::Tensor>& out);
 
 // Calls f.template operator()<Activation::X>() for the runtime activation.
 template <typename F>

@@ -19,9 +19,12 @@ from .backends import Backend
 
 
 def linear_act_backward(grad_out, x, weight, bias, out, activation, output_mask, backend: Backend):
-    """(dx, dw, db) of ``act(x @ weight.T + bias)``; ``out=None`` recomputes the pre-activation."""
+    """(dx, dw, db) of ``act(x @ weight.T + bias)``; ``out=None`` recomputes the pre-activation,
+    and a uint8 ``out`` is relu's packed sign mask."""
     if torch.is_grad_enabled() and not backend.differentiable:
         backend = backends.get("torch")
+    if out is not None and out.dtype == torch.uint8 and not backend.accepts_sign_mask:
+        out = sign_mask.unpack(out, grad_out.shape, x.dtype)
     return backend.backward(grad_out, x, weight, bias, out, activation, output_mask)
 
 
@@ -41,7 +44,6 @@ class LinearActFunction(torch.autograd.Function):
         if not recompute:
             ctx.save_for_backward(x, weight, bias, out)
         elif activation == "relu":
-            ctx.out_shape = out.shape
             ctx.save_for_backward(x, weight, bias, sign_mask.pack(out))
         else:
             ctx.save_for_backward(x, weight, bias, None)
@@ -50,8 +52,6 @@ class LinearActFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, weight, bias, out = ctx.saved_tensors
-        if ctx.recompute and out is not None:
-            out = sign_mask.unpack(out, ctx.out_shape, x.dtype)
         dx, dw, db = linear_act_backward(grad_out, x, weight, bias, out, ctx.activation,
                                          _output_mask(ctx.needs_input_grad, bias), ctx.backend)
         return dx, dw, db, None, None, None

@@ -14,7 +14,8 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
-from . import backends
+from . import backends, sign_mask
+from .autograd import linear_act_backward
 from .backends import Backend
 
 
@@ -67,25 +68,29 @@ class BlockFunction(torch.autograd.Function):
 
 
 def _fused_backward(backend, specs, x, layers, grad, needs_input_grad):
-    # Rebuild each layer's input: hidden[i] feeds layer i. The last layer's output is not rebuilt:
-    # its backward recomputes the pre-activation in cache (the same GEMM, one activation less held).
-    hidden = [x]
+    # Rebuild each layer's input: hidden[i] feeds layer i. What layer i's backward reads of its
+    # output: relu's packed sign mask (so hidden[i + 1] can go as soon as layer i + 1 is done),
+    # sigmoid's output itself; the last layer's output is not rebuilt at all (its backward
+    # recomputes the pre-activation in cache: the same GEMM, one activation less held).
+    hidden, outs = [x], []
     for spec, (w, b) in zip(specs[:-1], layers[:-1]):
         hidden.append(_layer_forward(backend, spec, hidden[-1], w, b))
+        outs.append(sign_mask.pack(hidden[-1]) if spec.activation == "relu" else hidden[-1])
+    outs.append(None)
     flags = iter(needs_input_grad[3:])
     param_needs = [(next(flags), next(flags) if b is not None else False) for _, b in layers]
     param_grads = []
-    out = None  # layer i's output, hidden[i + 1]: dropped once layer i is done
     for i in reversed(range(len(specs))):
         spec, (w, b) = specs[i], layers[i]
+        layer_in, out = hidden.pop(), outs.pop()
         mask = (i > 0 or needs_input_grad[0], *param_needs[i])
         if spec.activation is None:
             dx = grad.mm(w) if mask[0] else None
-            dw = grad.t().mm(hidden[i]) if mask[1] else None
+            dw = grad.t().mm(layer_in) if mask[1] else None
             db = grad.sum(0) if mask[2] else None
         else:
-            dx, dw, db = backend.backward(grad, hidden[i], w, b, out, spec.activation, mask)
-        out = hidden.pop()
+            dx, dw, db = linear_act_backward(grad, layer_in, w, b, out, spec.activation, mask, backend)
+        del layer_in, out
         param_grads[:0] = [dw] + ([db] if b is not None else [])
         grad = dx
     return [grad, *param_grads]

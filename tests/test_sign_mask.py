@@ -39,3 +39,26 @@ def test_relu_recompute_saves_mask_not_output():
     masked = saved_bytes(lambda: fb.linear_relu(x, w, recompute=True).sum()) - param_bytes - x.numel() * 4
     assert kept == out_bytes
     assert masked == out_bytes // 32
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 3, 5), (37, 13, 11), (300, 20, 64)])
+def test_cpu_kernel_reads_the_packed_mask(m, k, n):
+    """The CPU backward takes relu's packed mask as `out` and gives the gradients of the output."""
+    x, w, b = torch.randn(m, k, dtype=torch.float64), torch.randn(n, k, dtype=torch.float64), torch.randn(n, dtype=torch.float64)
+    out = torch.ops.fused_backprop.linear_act_fwd(x, w, b, "relu")
+    g = torch.randn(m, n, dtype=torch.float64)
+    want = torch.ops.fused_backprop.linear_act_bwd(g, x, w, b, out, "relu", [True, True, True])
+    got = torch.ops.fused_backprop.linear_act_bwd(g, x, w, b, sign_mask.pack(out), "relu", [True, True, True])
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, rtol=0, atol=0)
+    torch.library.opcheck(torch.ops.fused_backprop.linear_act_bwd,
+                          (g, x, w, b, sign_mask.pack(out), "relu", [True, True, True]))
+
+
+def test_packed_mask_errors():
+    x, w = torch.randn(4, 3), torch.randn(5, 3)
+    g, packed = torch.randn(4, 5), torch.zeros(3, dtype=torch.uint8)
+    with pytest.raises(ValueError, match=r"packed sign mask must have shape \(3,\)"):
+        torch.ops.fused_backprop.linear_act_bwd(g, x, w, None, packed[:2], "relu", [True, True, False])
+    with pytest.raises(ValueError, match="only for activation 'relu'"):
+        torch.ops.fused_backprop.linear_act_bwd(g, x, w, None, packed, "sigmoid", [True, True, False])

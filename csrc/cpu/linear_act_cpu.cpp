@@ -30,7 +30,7 @@ constexpr int64_t kL2Bytes = 1024 * 1024;
 // Backward panels when W outgrows L2: each panel streams W (and the thread's dW accumulator)
 // once for two GEMMs of this many rows, a few percent of their time, while the per-thread dz
 // scratch stays small (the backward then holds no (M, N) buffer beyond its inputs and dx).
-constexpr int64_t kBackwardRowsLargeW = 512;
+constexpr int64_t kBackwardRowsLargeW = 256;
 
 // Rows per panel. While W fits in L2, panels of kPanelBytes (at least 256 rows) keep each panel's
 // rows in cache between the GEMM and the elementwise work. A W larger than L2 is streamed again
@@ -61,9 +61,20 @@ void forward_kernel(const T* x, const T* w, const T* b, T* out, int64_t m, int64
   });
 }
 
+// dz = g where the packed sign mask has its bit, else 0 (relu's derivative from the mask).
+template <typename T>
+void dz_from_sign_mask(T* dz, const T* g, const uint8_t* mask, int64_t first, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
+    const int64_t e = first + j;
+    dz[j] = (mask[e >> 3] >> (e & 7)) & 1 ? g[j] : T(0);
+  }
+}
+
+// y: the layer output, or null to recompute the pre-activation; sign_mask: relu's packed mask
+// in place of y (then y is null).
 template <typename T, Activation A>
-void backward_kernel(const T* g, const T* x, const T* w, const T* b, const T* y, int64_t m, int64_t k, int64_t n,
-                     T* dx, T* dw, T* db) {
+void backward_kernel(const T* g, const T* x, const T* w, const T* b, const T* y, const uint8_t* sign_mask,
+                     int64_t m, int64_t k, int64_t n, T* dx, T* dw, T* db) {
   using acc_t = at::opmath_type<T>;
   const int64_t rows = panel_rows(m, (2 * n + k) * int64_t(sizeof(T)), n * k * int64_t(sizeof(T)), kBackwardRowsLargeW);
   const int64_t panels = (m + rows - 1) / rows;
@@ -75,7 +86,10 @@ void backward_kernel(const T* g, const T* x, const T* w, const T* b, const T* y,
   // dz lives in a per-thread panel buffer, or in one (m, n) buffer when dW needs all of it.
   const bool keep_dz = dw != nullptr && !per_thread_dw;
   std::vector<T> dz_store(keep_dz ? m * n : threads * rows * n);
-  std::vector<T> dw_acc(per_thread_dw ? threads * n * k : 0, T(0));
+  // Thread 0 accumulates straight into dw; the others into buffers summed into it at the end.
+  std::vector<T> dw_acc(per_thread_dw ? (threads - 1) * n * k : 0, T(0));
+  if (per_thread_dw) std::fill_n(dw, n * k, T(0));
+  auto dw_of = [&](int64_t tid) { return tid == 0 ? dw : dw_acc.data() + (tid - 1) * n * k; };
   std::vector<acc_t> db_part(db != nullptr ? panels * n : 0, acc_t(0));
 
   at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
@@ -84,7 +98,9 @@ void backward_kernel(const T* g, const T* x, const T* w, const T* b, const T* y,
       const int64_t r0 = p * rows, r = std::min(rows, m - r0);
       T* dz = keep_dz ? dz_store.data() + r0 * n : dz_store.data() + tid * rows * n;
       const T* g_p = g + r0 * n;
-      if (y != nullptr) {
+      if (sign_mask != nullptr) {
+        for (int64_t i = 0; i < r; ++i) dz_from_sign_mask(dz + i * n, g_p + i * n, sign_mask, (r0 + i) * n, n);
+      } else if (y != nullptr) {
         for (int64_t i = 0; i < r; ++i) {
           map_row(n, []<typename M, typename V>(V go, V out) { return go * Act<A>::template grad_from_output<V, M>(out); },
                   dz + i * n, g_p + i * n, y + (r0 + i) * n);
@@ -101,16 +117,14 @@ void backward_kernel(const T* g, const T* x, const T* w, const T* b, const T* y,
       if (db != nullptr) add_column_sums(db_part.data() + p * n, dz, r, n);
       if (dx != nullptr) gemm<T>(r, k, n, {dz, n}, {w, k}, dx + r0 * k, k);
       if (per_thread_dw) {
-        gemm<T>(n, k, r, {dz, n, /*trans=*/true}, {x + r0 * k, k}, dw_acc.data() + tid * n * k, k,
-                /*accumulate=*/true);
+        gemm<T>(n, k, r, {dz, n, /*trans=*/true}, {x + r0 * k, k}, dw_of(tid), k, /*accumulate=*/true);
       }
     }
   });
 
   if (per_thread_dw) {
-    std::copy_n(dw_acc.data(), n * k, dw);
     for (int64_t t = 1; t < threads; ++t) {
-      map_row(n * k, []<typename M, typename V>(V a, V c) { return a + c; }, dw, dw, dw_acc.data() + t * n * k);
+      map_row(n * k, []<typename M, typename V>(V a, V c) { return a + c; }, dw, dw, dw_of(t));
     }
   } else if (dw != nullptr) {
     gemm<T>(n, k, m, {dz_store.data(), n, /*trans=*/true}, {x, k}, dw, k);
@@ -151,10 +165,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_bwd(const at::Tensor& 
                                                              const std::optional<at::Tensor>& out,
                                                              c10::string_view activation,
                                                              std::array<bool, 3> output_mask) {
-  const Activation act = check_backward_args(grad_out, x_in, weight_in, bias, out, activation, kDtypes);
+  const Activation act =
+      check_backward_args(grad_out, x_in, weight_in, bias, out, activation, kDtypes, /*accept_sign_mask=*/true);
   const at::Tensor g = grad_out.contiguous(), x = x_in.contiguous(), w = weight_in.contiguous();
   const at::Tensor b = bias_or_zeros(bias, w);
   const at::Tensor y = out.has_value() ? out->contiguous() : at::Tensor();
+  const bool masked = is_sign_mask(out);
   const int64_t m = x.size(0), k = x.size(1), n = w.size(0);
   const bool want_db = output_mask[2] && bias.has_value();
   at::Tensor dx = output_mask[0] ? at::empty_like(x) : x.new_empty({0});
@@ -170,7 +186,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_bwd(const at::Tensor& 
       auto ptr = [](at::Tensor& t, bool on) { return on ? t.mutable_data_ptr<scalar_t>() : nullptr; };
       backward_kernel<scalar_t, A>(g.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
                                    w.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(),
-                                   y.defined() ? y.const_data_ptr<scalar_t>() : nullptr, m, k, n,
+                                   y.defined() && !masked ? y.const_data_ptr<scalar_t>() : nullptr,
+                                   masked ? y.const_data_ptr<uint8_t>() : nullptr, m, k, n,
                                    ptr(dx, output_mask[0]), ptr(dw, output_mask[1]),
                                    ptr(db, want_db));
     });

@@ -6,7 +6,8 @@ A backend computes the fused layer on 2-D inputs whose arguments have already be
 * ``forward(x, weight, bias, activation) -> out`` with x ``(M, K)``, weight ``(N, K)``,
   bias ``(N,)`` or None, out ``(M, N)``;
 * ``backward(grad_out, x, weight, bias, out, activation, output_mask) -> (dx, dw, db)``, where
-  ``out=None`` means "recompute the pre-activation from x, weight, bias" and an entry of
+  ``out=None`` means "recompute the pre-activation from x, weight, bias" (for relu, ``out`` may
+  be the packed sign mask when ``accepts_sign_mask``) and an entry of
   ``output_mask`` that is False (or a missing bias) gives None in that slot;
 * ``supports(device) -> bool``: whether it runs on tensors of that device here and now.
 
@@ -35,6 +36,9 @@ class Backend:
     auto_priority: Optional[int] = None
     # True when backward builds an autograd graph (needed for double backward).
     differentiable: bool = False
+    # True when backward takes relu's packed sign mask (``sign_mask.pack``) as ``out``; other
+    # backends get it unpacked to 0/1 values.
+    accepts_sign_mask: bool = False
 
 
 _REGISTRY: dict[str, Backend] = {}

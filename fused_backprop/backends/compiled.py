@@ -20,7 +20,7 @@ def backward(grad_out, x, weight, bias, out, activation, output_mask):
     return (dx if mask[0] else None), (dw if mask[1] else None), (db if mask[2] else None)
 
 
-register(Backend("cpu", forward, backward, auto_priority=0,
+register(Backend("cpu", forward, backward, auto_priority=0, accepts_sign_mask=True,
                  supports=lambda device: device.type == "cpu" and _ops.has_kernel("CPU")))
 register(Backend("cuda", forward, backward, auto_priority=2,
                  supports=lambda device: device.type == "cuda" and _ops.has_kernel("CUDA")))
