@@ -126,6 +126,18 @@ def measure(variant, blocks, layers, width, batch, steps, device):
                 step_s=statistics.median(times), block_input_bytes=blocks * batch * width * x.element_size())
 
 
+def single_layer_rows(width, batch, device):
+    """What one Linear+ReLU layer keeps when its consumer keeps nothing: its output, or with
+    recompute=True relu's 1-bit sign mask."""
+    x = torch.randn(batch, width, device=device, requires_grad=True)
+    rows = []
+    for recompute in (False, True):
+        layer = fb.FusedLinearReLU(width, width, recompute=recompute, device=device)
+        rows.append(dict(variant=f"one layer, recompute={recompute}",
+                         saved_bytes=saved_bytes(nn.Sequential(layer), x) - x.numel() * x.element_size()))
+    return rows
+
+
 def run_in_subprocess(variant, args) -> dict:
     cmd = [sys.executable, __file__, "--child", variant, "--blocks", str(args.blocks), "--layers", str(args.layers),
            "--width", str(args.width), "--batch", str(args.batch), "--steps", str(args.steps),
@@ -174,6 +186,9 @@ def main(argv=None) -> int:
         rows.append(r)
         print(f"{variant:<13}{r['saved_bytes'] / mib:>11.1f}{r['saved_bytes'] / r['block_input_bytes']:>14.2f}"
               f"{r['peak_step_bytes'] / mib:>10.1f}{r['step_s'] * 1e3:>10.1f}", flush=True)
+    print("\nsaved beyond the input by one Linear+ReLU layer whose output nobody else keeps:")
+    for r in single_layer_rows(args.width, args.batch, torch.device(args.device)):
+        print(f"  {r['variant']:<28}{r['saved_bytes'] / mib:>9.2f} MiB")
     args.csv.parent.mkdir(parents=True, exist_ok=True)
     with open(args.csv, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
