@@ -12,7 +12,8 @@ export CUDA_HOME ?= $(shell test -x /usr/local/cuda/bin/nvcc && echo /usr/local/
 
 $(VPY):
 	$(PY) -m venv $(VENV)
-	$(VPY) -m pip install -q "$(TORCH)" numpy pytest expecttest ninja setuptools wheel
+	$(VPY) -m pip install -q "$(TORCH)" numpy pytest expecttest ninja setuptools wheel \
+		nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm
 
 venv: $(VPY)
 

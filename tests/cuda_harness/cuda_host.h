@@ -88,6 +88,46 @@ struct alignas(16) uint4 {
 using cudaStream_t = void*;
 constexpr int warpSize = 32;
 
+// Fiber switch. x86-64: a minimal callee-saved-register switch (ucontext's swapcontext makes a
+// sigprocmask syscall per switch, and ASan's swapcontext interceptor re-clears the whole target
+// stack's shadow each time); elsewhere ucontext.
+#if defined(__x86_64__) && !defined(CUDA_HOST_USE_UCONTEXT)
+#define CUDA_HOST_ASM_SWITCH 1
+extern "C" void cuda_host_switch(void** save_sp, void* new_sp);
+__asm__(R"(
+    .text
+    .p2align 4
+    .globl cuda_host_switch
+    .hidden cuda_host_switch
+    .type cuda_host_switch,@function
+cuda_host_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    subq $8, %rsp
+    stmxcsr (%rsp)
+    fnstcw 4(%rsp)
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    ldmxcsr (%rsp)
+    fldcw 4(%rsp)
+    addq $8, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size cuda_host_switch, .-cuda_host_switch
+    .section .note.GNU-stack,"",@progbits
+    .text
+)");
+#endif
+
 namespace cuda_host {
 
 [[noreturn]] inline void fail(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
@@ -130,6 +170,7 @@ struct WarpReq {
 
 struct Thread {
   ucontext_t ctx;
+  void* sp = nullptr;  // saved stack pointer (asm switch)
   char* stack = nullptr;
   size_t stack_size = 0;
   State state = State::Done;
@@ -144,6 +185,7 @@ struct Thread {
 struct Runtime {
   std::vector<Thread> threads;
   ucontext_t sched;
+  void* sched_sp = nullptr;
   Thread* cur = nullptr;
   uint3 block_idx{0, 0, 0};
   dim3 block_dim, grid_dim;
@@ -184,7 +226,11 @@ inline void switch_to(Thread* t) {
   void* fake = nullptr;
   __sanitizer_start_switch_fiber(&fake, t->stack, t->stack_size);
 #endif
+#ifdef CUDA_HOST_ASM_SWITCH
+  cuda_host_switch(&r.sched_sp, t->sp);
+#else
   if (swapcontext(&r.sched, &t->ctx) != 0) fail("swapcontext failed");
+#endif
 #ifdef CUDA_HOST_ASAN
   __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
 #endif
@@ -196,7 +242,11 @@ inline void yield_to_scheduler(Thread* t, bool final = false) {
 #ifdef CUDA_HOST_ASAN
   __sanitizer_start_switch_fiber(final ? nullptr : &t->fake_stack, r.sched_stack_bottom, r.sched_stack_size);
 #endif
+#ifdef CUDA_HOST_ASM_SWITCH
+  cuda_host_switch(&t->sp, r.sched_sp);
+#else
   if (swapcontext(&t->ctx, &r.sched) != 0) fail("swapcontext failed");
+#endif
 #ifdef CUDA_HOST_ASAN
   __sanitizer_finish_switch_fiber(t->fake_stack, nullptr, nullptr);
 #endif
@@ -296,11 +346,25 @@ inline void run_block(const std::function<void()>& body) {
     t.req = nullptr;
     t.bar_file = nullptr;
     t.fake_stack = nullptr;
+#ifdef CUDA_HOST_ASM_SWITCH
+    // initial frame popped by cuda_host_switch: mxcsr/fpu cw, r15..r12, rbx, rbp, return address
+    auto* top = reinterpret_cast<uint64_t*>(
+        (reinterpret_cast<uintptr_t>(t.stack) + t.stack_size) & ~static_cast<uintptr_t>(15));
+    uint32_t csr[2] = {0, 0};
+    __asm__ volatile("stmxcsr %0" : "=m"(csr[0]));
+    __asm__ volatile("fnstcw %0" : "=m"(csr[1]));
+    top[-1] = 0;                                          // fiber_entry's (never used) return address
+    top[-2] = reinterpret_cast<uint64_t>(&fiber_entry);  // popped by ret
+    for (int k = 3; k <= 8; ++k) top[-k] = 0;             // rbp rbx r12 r13 r14 r15
+    std::memcpy(&top[-9], csr, 8);
+    t.sp = &top[-9];
+#else
     if (getcontext(&t.ctx) != 0) fail("getcontext failed");
     t.ctx.uc_stack.ss_sp = t.stack;
     t.ctx.uc_stack.ss_size = t.stack_size;
     t.ctx.uc_link = nullptr;
     makecontext(&t.ctx, fiber_entry, 0);
+#endif
   }
   r.body = &body;
   std::vector<unsigned> order;
@@ -380,7 +444,7 @@ inline void run_grid(dim3 grid, dim3 block, const std::function<void()>& body) {
   r.block_dim = block;
   r.grid_dim = grid;
   r.launches++;
-  const size_t stack_size = 512 * 1024;
+  const size_t stack_size = 256 * 1024;
   if (r.threads.size() < nblock) {
     const size_t old = r.threads.size();
     r.threads.resize(nblock);

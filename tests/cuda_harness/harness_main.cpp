@@ -176,7 +176,7 @@ bool run_case(const Options& o, int64_t M, int64_t K, int64_t N) {
 
   const bool want_dx = o.mask[0], want_dw = o.mask[1], want_db = o.mask[2] && o.bias;
   Mat<T> gx(M, K, o.pad, o.misalign), gw(N, K, o.pad, o.misalign), gb(1, N, 0, o.misalign);
-  const size_t ws_bytes = fbc::bwd_workspace_bytes<T>(M, N, recompute, want_db);
+  const size_t ws_bytes = fbc::bwd_workspace_bytes<T>(M, N, K, recompute, want_dx, want_dw, want_db);
   void* ws = ws_bytes ? ::operator new(ws_bytes, std::align_val_t(256)) : nullptr;
   if (ws) std::memset(ws, 0xff, ws_bytes);
   const fbc::BwdProblem<T> p{dy.p,
@@ -272,6 +272,13 @@ __global__ void shared_oob_kernel(float* p) {
   p[threadIdx.x] = s[0];
 }
 
+__global__ void local_oob_kernel(int* p, int n) {
+  int local[8];
+  int* q = local;  // through a pointer: ASan (not UBSan's array bounds) must see the fiber stack
+  for (int i = 0; i < n; ++i) q[i] = static_cast<int>(threadIdx.x) + i;  // n = 9: one past the end
+  p[threadIdx.x] = q[n / 2];
+}
+
 __global__ void missing_sync_kernel(float* out) {
   CUDA_HOST_SHARED(float, s, 64);
   s[threadIdx.x] = static_cast<float>(threadIdx.x);
@@ -333,6 +340,7 @@ int run_selftest(const std::string& name) {
   if (name == "divergent-barrier") cuda_host::launch(dim3(1), dim3(64), divergent_barrier_kernel, buf.data());
   else if (name == "exit-before-barrier") cuda_host::launch(dim3(1), dim3(64), exit_before_barrier_kernel, buf.data());
   else if (name == "divergent-shfl") cuda_host::launch(dim3(1), dim3(32), divergent_shfl_kernel, buf.data());
+  else if (name == "local-oob") cuda_host::launch(dim3(1), dim3(32), local_oob_kernel, buf.data(), 9);
   else if (name == "shared-oob") cuda_host::launch(dim3(1), dim3(65), shared_oob_kernel, fbuf.data());
   else {
     std::fprintf(stderr, "unknown selftest %s\n", name.c_str());

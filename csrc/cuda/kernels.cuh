@@ -1,0 +1,855 @@
+// The handwritten CUDA kernels of fused_backprop: torch-free, templated on element type and
+// activation, taking raw pointers, sizes and leading dimensions.
+//
+// Compiled three ways from this one source:
+//   * by nvcc for the GPU (kernels_<dtype>.cu instantiate the launchers for one element type);
+//   * by nvcc -Xptxas -v for the static resource checks (tests/test_cuda_static.py);
+//   * by g++ for the CPU, under the host-execution harness (tests/cuda_harness/cuda_host.h), which
+//     must be included before this header.
+// Kernels use only the CUDA features the harness emulates (see tests/cuda_harness/README.md):
+// blockIdx/threadIdx/blockDim/gridDim, static shared memory (FB_SHARED_*), __syncthreads, __shfl_down_sync,
+// 16-byte uint4 loads/stores, and nvcuda::wmma fragment/fill/load/mma/store on 16x16x16 tiles.
+//
+// GEMM forms (every matrix row-major with unit column stride; "rows" x "red" operands):
+//   forward  out[M,N] = act(x[M,K] . W[N,K]^T + b)        A = x  (k-contiguous), B = W (k-contiguous)
+//   dX[M,K] = dZ[M,N] . W[N,K]                            A = dZ (k-contiguous), B = W (row-contiguous)
+//   dW[N,K] = dZ[M,N]^T . x[M,K]                          A = dZ (row-contiguous), B = x (row-contiguous)
+// where dZ = dY * act'(.) is formed inside the tile loaders from dY and the saved output, so it is
+// never written to memory (under recompute a GEMM epilogue writes it once instead).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <type_traits>
+
+#include "launch.h"
+
+#if defined(__CUDACC__)
+#include <mma.h>
+#endif
+
+// Shared memory declarations: __shared__ under nvcc; per-block guarded heap blocks under the
+// harness (ASan redzones, NaN-filled, freed at block end).
+#if defined(FB_CUDA_HOST_HARNESS)
+#define FB_SHARED_ARRAY(T, name, n) CUDA_HOST_SHARED(T, name, n)
+#define FB_SHARED_OBJECT(T, name) CUDA_HOST_SHARED_OBJECT(T, name)
+#else
+#define FB_SHARED_ARRAY(T, name, n) __shared__ __align__(32) T name[n]
+#define FB_SHARED_OBJECT(T, name) __shared__ T name
+#endif
+
+namespace fused_backprop::cuda {
+
+// ------------------------------------------------------------------------------------------
+// Element types: accumulation type and conversions (explicit intrinsics only, so the kernels
+// build under torch's -D__CUDA_NO_HALF_CONVERSIONS__ / -D__CUDA_NO_HALF_OPERATORS__).
+// ------------------------------------------------------------------------------------------
+template <typename T>
+struct Num;
+template <>
+struct Num<float> {
+  using acc = float;
+  static __device__ __forceinline__ float to_acc(float v) { return v; }
+  static __device__ __forceinline__ float from_acc(float v) { return v; }
+};
+template <>
+struct Num<double> {
+  using acc = double;
+  static __device__ __forceinline__ double to_acc(double v) { return v; }
+  static __device__ __forceinline__ double from_acc(double v) { return v; }
+};
+template <>
+struct Num<__half> {
+  using acc = float;
+  static __device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
+  static __device__ __forceinline__ __half from_acc(float v) { return __float2half_rn(v); }
+};
+template <>
+struct Num<__nv_bfloat16> {
+  using acc = float;
+  static __device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
+  static __device__ __forceinline__ __nv_bfloat16 from_acc(float v) { return __float2bfloat16_rn(v); }
+};
+template <typename T>
+using acc_t = typename Num<T>::acc;
+
+template <typename T>
+inline constexpr bool kTensorCore = std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>;
+
+// Elements per 16-byte vector.
+template <typename T>
+inline constexpr int kVec = 16 / static_cast<int>(sizeof(T));
+
+// 16-byte global/shared accesses through uint4 (the caller guarantees 16-byte alignment).
+template <typename T, int V>
+union Vec16 {
+  static_assert(sizeof(T) * V == 16, "a Vec16 is 16 bytes");
+  uint4 u;
+  T v[V];
+};
+
+template <typename T, int V>
+__device__ __forceinline__ void load_vec(const T* __restrict__ p, T (&out)[V]) {
+  Vec16<T, V> t;
+  t.u = *reinterpret_cast<const uint4*>(p);
+#pragma unroll
+  for (int j = 0; j < V; ++j) out[j] = t.v[j];
+}
+
+template <typename T, int V>
+__device__ __forceinline__ void store_vec(T* __restrict__ p, const T (&in)[V]) {
+  Vec16<T, V> t;
+#pragma unroll
+  for (int j = 0; j < V; ++j) t.v[j] = in[j];
+  *reinterpret_cast<uint4*>(p) = t.u;
+}
+
+// ------------------------------------------------------------------------------------------
+// GEMM operands. An operand is a rows x red matrix (red = the reduction dimension). KC: the
+// element (r, k) lives at p[r*ld + k] (contiguous along k); otherwise at p[k*ld + r]
+// (contiguous along r). load<V>(r, k, v) fills V elements along the contiguous dimension
+// starting at (r, k), zero outside the matrix; with V > 1 the caller has checked `vec`
+// (16-byte aligned base, ld and contiguous extent multiples of V), so a vector is either
+// entirely inside or entirely outside.
+// ------------------------------------------------------------------------------------------
+template <typename T, bool KC>
+struct PlainOperand {
+  static constexpr bool kKContig = KC;
+  const T* __restrict__ p;
+  int64_t ld, rows, red;
+  bool vec;
+
+  template <int V>
+  __device__ __forceinline__ void load(int64_t r, int64_t k, T (&v)[V]) const {
+    if (r < rows && k < red) {
+      const T* q = KC ? p + r * ld + k : p + k * ld + r;
+      if constexpr (V == 1) {
+        v[0] = *q;
+      } else {
+        load_vec<T, V>(q, v);
+      }
+    } else {
+#pragma unroll
+      for (int j = 0; j < V; ++j) v[j] = Num<T>::from_acc(acc_t<T>(0));
+    }
+  }
+};
+
+// dZ = dY * act'(y), formed from the saved output while loading the tile; rounded to T like the
+// materialised dZ of an eager backward.
+template <typename T, Activation A, bool KC>
+struct DzFromOutputOperand {
+  static constexpr bool kKContig = KC;
+  const T* __restrict__ dy;
+  int64_t lddy;
+  const T* __restrict__ y;
+  int64_t ldy;
+  int64_t rows, red;
+  bool vec;
+
+  template <int V>
+  __device__ __forceinline__ void load(int64_t r, int64_t k, T (&v)[V]) const {
+    if (r < rows && k < red) {
+      const T* qd = KC ? dy + r * lddy + k : dy + k * lddy + r;
+      const T* qy = KC ? y + r * ldy + k : y + k * ldy + r;
+      T d[V], o[V];
+      if constexpr (V == 1) {
+        d[0] = *qd;
+        o[0] = *qy;
+      } else {
+        load_vec<T, V>(qd, d);
+        load_vec<T, V>(qy, o);
+      }
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        v[j] = Num<T>::from_acc(Num<T>::to_acc(d[j]) *
+                                Act<A>::template grad_from_output<acc_t<T>>(Num<T>::to_acc(o[j])));
+      }
+    } else {
+#pragma unroll
+      for (int j = 0; j < V; ++j) v[j] = Num<T>::from_acc(acc_t<T>(0));
+    }
+  }
+};
+
+// A BR x BK operand tile staged in registers: every thread holds E = BR*BK/NT elements. The
+// GEMM main loops fetch the next tile from global memory into these registers while computing
+// on the current one in shared memory (register-staged software pipelining), then store them to
+// shared memory after the barrier.
+template <int BR, int BK, int NT, typename T>
+struct TileRegs {
+  static constexpr int E = BR * BK / NT;
+  static_assert(BR * BK % NT == 0 && E % kVec<T> == 0, "a tile must split into whole vectors per thread");
+  T v[E];
+};
+
+// Fetches the tile of `op` at (r0, k0) into registers: consecutive threads take consecutive
+// 16-byte vectors along the operand's contiguous dimension (coalesced). Without `vec` (unaligned
+// or odd-sized operands) nothing is staged: store_tile loads the elements itself (staging E
+// scalar loads with their 64-bit addresses costs more registers than the pipelining gains).
+template <int BR, int BK, int NT, class Op, typename T>
+__device__ __forceinline__ void fetch_tile(const Op& op, TileRegs<BR, BK, NT, T>& t, int64_t r0, int64_t k0,
+                                           int tid) {
+  constexpr bool KC = Op::kKContig;
+  constexpr int V = kVec<T>, E = TileRegs<BR, BK, NT, T>::E;
+  static_assert(BK % V == 0 && BR % V == 0, "tile edges must hold whole vectors");
+  if (op.vec) {
+    constexpr int CV = KC ? BK / V : BR / V;  // vectors along the contiguous dimension
+#pragma unroll
+    for (int it = 0; it < E / V; ++it) {
+      const int i = tid + it * NT;
+      const int outer = i / CV, inner = (i % CV) * V;
+      T v[V];
+      op.template load<V>(r0 + (KC ? outer : inner), k0 + (KC ? inner : outer), v);
+#pragma unroll
+      for (int j = 0; j < V; ++j) t.v[it * V + j] = v[j];
+    }
+  }
+}
+
+// Stores the tile of `op` at (r0, k0) to shared memory S, laid out k-major (S[k*LDS + r], the
+// FMA kernel) or r-major (S[r*LDS + k], the WMMA kernel): from the registers fetch_tile filled
+// (a vector that runs along the smem row is one 16-byte shared store), or, without `vec`,
+// straight from global memory element by element.
+template <int BR, int BK, int NT, bool SMEM_KMAJOR, int LDS, class Op, typename T>
+__device__ __forceinline__ void store_tile(const Op& op, const TileRegs<BR, BK, NT, T>& t, T* __restrict__ S,
+                                           int64_t r0, int64_t k0, int tid) {
+  constexpr bool KC = Op::kKContig;
+  constexpr int V = kVec<T>, E = TileRegs<BR, BK, NT, T>::E;
+  if (op.vec) {
+    constexpr int CV = KC ? BK / V : BR / V;
+#pragma unroll
+    for (int it = 0; it < E / V; ++it) {
+      const int i = tid + it * NT;
+      const int outer = i / CV, inner = (i % CV) * V;
+      const int r = KC ? outer : inner;
+      const int k = KC ? inner : outer;
+      T v[V];
+#pragma unroll
+      for (int j = 0; j < V; ++j) v[j] = t.v[it * V + j];
+      if constexpr (KC != SMEM_KMAJOR) {
+        store_vec<T, V>(SMEM_KMAJOR ? &S[k * LDS + r] : &S[r * LDS + k], v);
+      } else {
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+          if constexpr (SMEM_KMAJOR) {
+            S[(k + j) * LDS + r] = v[j];
+          } else {
+            S[(r + j) * LDS + k] = v[j];
+          }
+        }
+      }
+    }
+  } else {
+#pragma unroll 4
+    for (int it = 0; it < E; ++it) {
+      const int i = tid + it * NT;
+      const int r = KC ? i / BK : i % BR;
+      const int k = KC ? i % BK : i / BR;
+      T v[1];
+      op.template load<1>(r0 + r, k0 + k, v);
+      if constexpr (SMEM_KMAJOR) {
+        S[k * LDS + r] = v[0];
+      } else {
+        S[r * LDS + k] = v[0];
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// Epilogues: called once per in-bounds output element with the fp accumulator.
+// ------------------------------------------------------------------------------------------
+template <typename T, Activation A>
+struct ForwardEpilogue {
+  T* __restrict__ out;
+  int64_t ldo;
+  const T* __restrict__ bias;
+  __device__ __forceinline__ void operator()(int64_t r, int64_t c, acc_t<T> z) const {
+    if (bias != nullptr) z += Num<T>::to_acc(bias[c]);
+    out[r * ldo + c] = Num<T>::from_acc(Act<A>::template forward<acc_t<T>>(z));
+  }
+  __device__ __forceinline__ const ForwardEpilogue& for_split(unsigned) const { return *this; }
+};
+
+// Recompute: z = acc + b is the pre-activation; writes dZ = dY * act'(z) (rounded to T).
+template <typename T, Activation A>
+struct RecomputeDzEpilogue {
+  T* __restrict__ dz;
+  int64_t lddz;
+  const T* __restrict__ dy;
+  int64_t lddy;
+  const T* __restrict__ bias;
+  __device__ __forceinline__ void operator()(int64_t r, int64_t c, acc_t<T> z) const {
+    if (bias != nullptr) z += Num<T>::to_acc(bias[c]);
+    dz[r * lddz + c] = Num<T>::from_acc(Num<T>::to_acc(dy[r * lddy + c]) *
+                                        Act<A>::template grad_from_preact<acc_t<T>>(z));
+  }
+  __device__ __forceinline__ const RecomputeDzEpilogue& for_split(unsigned) const { return *this; }
+};
+
+template <typename T>
+struct StoreEpilogue {
+  T* __restrict__ out;
+  int64_t ldo;
+  __device__ __forceinline__ void operator()(int64_t r, int64_t c, acc_t<T> v) const {
+    out[r * ldo + c] = Num<T>::from_acc(v);
+  }
+  __device__ __forceinline__ const StoreEpilogue& for_split(unsigned) const { return *this; }
+};
+
+// Split-K: block z of the grid writes its partial sums to slice z of an accumulation-type
+// workspace; splitk_reduce_kernel then adds the slices in order (deterministic, no atomics).
+template <typename Acc>
+struct SplitPartialEpilogue {
+  Acc* __restrict__ ws;
+  int64_t ld;     // columns of the output
+  int64_t slice;  // rows * ld
+  __device__ __forceinline__ void operator()(int64_t r, int64_t c, Acc v) const { ws[r * ld + c] = v; }
+  __device__ __forceinline__ SplitPartialEpilogue for_split(unsigned z) const {
+    return SplitPartialEpilogue{ws + static_cast<int64_t>(z) * slice, ld, slice};
+  }
+};
+
+constexpr int kReduceThreads = 256;
+
+template <typename T>
+__global__ void __launch_bounds__(kReduceThreads)
+    splitk_reduce_kernel(const acc_t<T>* __restrict__ ws, int64_t splits, int64_t rows, int64_t cols,
+                         T* __restrict__ out, int64_t ldo) {
+  const int64_t total = rows * cols;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kReduceThreads;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kReduceThreads + threadIdx.x; i < total; i += stride) {
+    acc_t<T> s = ws[i];
+    for (int64_t z = 1; z < splits; ++z) s += ws[z * total + i];
+    out[(i / cols) * ldo + i % cols] = Num<T>::from_acc(s);
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// FMA-path tiled GEMM (float32, float64): C[M,N] = A[M,red] . B[N,red]^T, epilogue fused.
+// Block tile BM x BN, k-step BK, each thread a TM x TN register block, 256 threads.
+// ------------------------------------------------------------------------------------------
+template <typename T_, int BM_, int BN_, int BK_, int TM_, int TN_, int PAD_, int MIN_BLOCKS_>
+struct FmaTile {
+  using T = T_;
+  static constexpr int BM = BM_, BN = BN_, BK = BK_, TM = TM_, TN = TN_, PAD = PAD_;
+  static constexpr int NT = (BM / TM) * (BN / TN);
+  static constexpr int MIN_BLOCKS = MIN_BLOCKS_;
+};
+// float32, wide outputs: 64 accumulators + 16 operands per thread need ~150-170 registers;
+// capping at 128 (2 blocks/SM) spills, so one 256-thread block per SM, with 64 independent
+// FMAs per k step for latency.
+using FmaF32Wide = FmaTile<float, 128, 128, 8, 8, 8, 4, 1>;
+// float32, outputs with at most 64 rows or columns (the dW / forward of narrow layers), where
+// a 128-wide tile would compute mostly padding.
+using FmaF32Narrow = FmaTile<float, 64, 64, 16, 4, 4, 4, 2>;
+using FmaF64 = FmaTile<double, 64, 64, 8, 4, 4, 2, 2>;
+
+template <class Cfg, class AOp, class BOp, class Epi>
+__global__ void __launch_bounds__(Cfg::NT, Cfg::MIN_BLOCKS)
+    gemm_fma_kernel(AOp a, BOp b, Epi epi, int64_t M, int64_t N, int64_t red, int64_t n_base, int64_t split_len) {
+  using C = Cfg;
+  using T = typename Cfg::T;
+  using Acc = acc_t<T>;
+  constexpr int LDA = C::BM + C::PAD, LDB = C::BN + C::PAD;
+  FB_SHARED_ARRAY(T, As, C::BK * LDA);
+  FB_SHARED_ARRAY(T, Bs, C::BK * LDB);
+
+  const int tid = static_cast<int>(threadIdx.x);
+  const int tx = tid % (C::BN / C::TN);
+  const int ty = tid / (C::BN / C::TN);
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * C::BM;
+  const int64_t n0 = n_base + static_cast<int64_t>(blockIdx.y) * C::BN;
+
+  Acc acc[C::TM][C::TN];
+#pragma unroll
+  for (int i = 0; i < C::TM; ++i)
+#pragma unroll
+    for (int j = 0; j < C::TN; ++j) acc[i][j] = Acc(0);
+
+  // split-K: block z reduces [k_begin, k_end) (split_len is a multiple of BK, so no tile
+  // straddles two chunks; the operands are masked at k_end all the same)
+  const int64_t k_begin = static_cast<int64_t>(blockIdx.z) * split_len;
+  const int64_t k_end = k_begin + split_len < red ? k_begin + split_len : red;
+  AOp al = a;
+  BOp bl = b;
+  al.red = k_end;
+  bl.red = k_end;
+  const auto e = epi.for_split(blockIdx.z);
+
+  TileRegs<C::BM, C::BK, C::NT, T> ta;
+  TileRegs<C::BN, C::BK, C::NT, T> tb;
+  if (k_begin < k_end) {
+    fetch_tile(al, ta, m0, k_begin, tid);
+    fetch_tile(bl, tb, n0, k_begin, tid);
+  }
+  for (int64_t k0 = k_begin; k0 < k_end; k0 += C::BK) {
+    store_tile<C::BM, C::BK, C::NT, true, LDA>(al, ta, As, m0, k0, tid);
+    store_tile<C::BN, C::BK, C::NT, true, LDB>(bl, tb, Bs, n0, k0, tid);
+    __syncthreads();
+    if (k0 + C::BK < k_end) {  // next tile's global loads overlap this tile's FMAs
+      fetch_tile(al, ta, m0, k0 + C::BK, tid);
+      fetch_tile(bl, tb, n0, k0 + C::BK, tid);
+    }
+#pragma unroll
+    for (int kk = 0; kk < C::BK; ++kk) {
+      Acc ra[C::TM], rb[C::TN];
+#pragma unroll
+      for (int i = 0; i < C::TM; ++i) ra[i] = Num<T>::to_acc(As[kk * LDA + ty * C::TM + i]);
+#pragma unroll
+      for (int j = 0; j < C::TN; ++j) rb[j] = Num<T>::to_acc(Bs[kk * LDB + tx * C::TN + j]);
+#pragma unroll
+      for (int i = 0; i < C::TM; ++i)
+#pragma unroll
+        for (int j = 0; j < C::TN; ++j) acc[i][j] = ra[i] * rb[j] + acc[i][j];
+    }
+    __syncthreads();
+  }
+
+#pragma unroll
+  for (int i = 0; i < C::TM; ++i) {
+    const int64_t r = m0 + ty * C::TM + i;
+#pragma unroll
+    for (int j = 0; j < C::TN; ++j) {
+      const int64_t c = n0 + tx * C::TN + j;
+      if (r < M && c < N) e(r, c, acc[i][j]);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// Tensor-core tiled GEMM (float16, bfloat16) through nvcuda::wmma, fp32 accumulation.
+// Block tile 64 x 64 x 32, four warps in 2 x 2, each warp 32 x 32 = 2 x 2 fragments of 16x16.
+// The accumulators go through shared memory (aliasing the operand tiles) to the epilogue.
+// ------------------------------------------------------------------------------------------
+struct WmmaConfig {
+  static constexpr int BM = 64, BN = 64, BK = 32, WM = 32, WN = 32, PAD = 8, CPAD = 4;
+  static constexpr int WARPS_M = BM / WM, WARPS_N = BN / WN;
+  static constexpr int NT = WARPS_M * WARPS_N * 32;  // 128
+  static constexpr int LDS = BK + PAD;               // halves; rows stay 16-byte aligned
+  static constexpr int LDC = BN + CPAD;              // floats
+};
+
+template <typename T>
+struct __align__(32) WmmaSmem {
+  union {
+    struct {
+      T a[WmmaConfig::BM * WmmaConfig::LDS];
+      T b[WmmaConfig::BN * WmmaConfig::LDS];
+    } ab;
+    float c[WmmaConfig::BM * WmmaConfig::LDC];
+  };
+};
+
+template <typename T, class AOp, class BOp, class Epi>
+__global__ void __launch_bounds__(WmmaConfig::NT)
+    gemm_wmma_kernel(AOp a, BOp b, Epi epi, int64_t M, int64_t N, int64_t red, int64_t n_base, int64_t split_len) {
+  using namespace nvcuda;
+  using C = WmmaConfig;
+  constexpr int FM = C::WM / 16, FN = C::WN / 16;
+  FB_SHARED_OBJECT(WmmaSmem<T>, sm);
+
+  const int tid = static_cast<int>(threadIdx.x);
+  const int warp = tid / 32;
+  const int wm = warp / C::WARPS_N;
+  const int wn = warp % C::WARPS_N;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * C::BM;
+  const int64_t n0 = n_base + static_cast<int64_t>(blockIdx.y) * C::BN;
+
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> fc[FM][FN];
+#pragma unroll
+  for (int i = 0; i < FM; ++i)
+#pragma unroll
+    for (int j = 0; j < FN; ++j) wmma::fill_fragment(fc[i][j], 0.0f);
+
+  const int64_t k_begin = static_cast<int64_t>(blockIdx.z) * split_len;
+  const int64_t k_end = k_begin + split_len < red ? k_begin + split_len : red;
+  AOp al = a;
+  BOp bl = b;
+  al.red = k_end;
+  bl.red = k_end;
+  const auto e = epi.for_split(blockIdx.z);
+
+  TileRegs<C::BM, C::BK, C::NT, T> ta;
+  TileRegs<C::BN, C::BK, C::NT, T> tb;
+  if (k_begin < k_end) {
+    fetch_tile(al, ta, m0, k_begin, tid);
+    fetch_tile(bl, tb, n0, k_begin, tid);
+  }
+  for (int64_t k0 = k_begin; k0 < k_end; k0 += C::BK) {
+    store_tile<C::BM, C::BK, C::NT, false, C::LDS>(al, ta, sm.ab.a, m0, k0, tid);
+    store_tile<C::BN, C::BK, C::NT, false, C::LDS>(bl, tb, sm.ab.b, n0, k0, tid);
+    __syncthreads();
+    if (k0 + C::BK < k_end) {  // next tile's global loads overlap this tile's MMAs
+      fetch_tile(al, ta, m0, k0 + C::BK, tid);
+      fetch_tile(bl, tb, n0, k0 + C::BK, tid);
+    }
+#pragma unroll
+    for (int kk = 0; kk < C::BK; kk += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa[FM];
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb[FN];
+#pragma unroll
+      for (int i = 0; i < FM; ++i)
+        wmma::load_matrix_sync(fa[i], &sm.ab.a[(wm * C::WM + i * 16) * C::LDS + kk], C::LDS);
+#pragma unroll
+      for (int j = 0; j < FN; ++j)
+        wmma::load_matrix_sync(fb[j], &sm.ab.b[(wn * C::WN + j * 16) * C::LDS + kk], C::LDS);
+#pragma unroll
+      for (int i = 0; i < FM; ++i)
+#pragma unroll
+        for (int j = 0; j < FN; ++j) wmma::mma_sync(fc[i][j], fa[i], fb[j], fc[i][j]);
+    }
+    __syncthreads();
+  }
+
+  // The operand tiles are dead (last barrier above): reuse their space for the accumulators.
+#pragma unroll
+  for (int i = 0; i < FM; ++i)
+#pragma unroll
+    for (int j = 0; j < FN; ++j)
+      wmma::store_matrix_sync(&sm.c[(wm * C::WM + i * 16) * C::LDC + wn * C::WN + j * 16], fc[i][j], C::LDC,
+                              wmma::mem_row_major);
+  __syncthreads();
+#pragma unroll 4
+  for (int idx = tid; idx < C::BM * C::BN; idx += C::NT) {
+    const int rr = idx / C::BN, cc = idx % C::BN;
+    const int64_t r = m0 + rr, c = n0 + cc;
+    if (r < M && c < N) e(r, c, sm.c[rr * C::LDC + cc]);
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// Bias gradient: deterministic two-stage column reduction of dZ, no atomics.
+// Stage 1: block (column chunk of 32, row block) sums its rows in a fixed order; 8 row groups
+// are combined through shared memory in a fixed order; one partial per (row block, column).
+// Stage 2: one warp per column sums the partials, lane-strided then a __shfl_down_sync tree.
+// The row blocking depends on M only, so the result is bitwise reproducible.
+// ------------------------------------------------------------------------------------------
+constexpr int kDbCols = 32, kDbGroups = 8, kDbThreads = kDbCols * kDbGroups;
+constexpr int64_t kDbMinRowsPerBlock = 256, kDbMaxRowBlocks = 4096;
+
+inline int64_t db_rows_per_block(int64_t M) {
+  int64_t rpb = (M + kDbMaxRowBlocks - 1) / kDbMaxRowBlocks;
+  rpb = rpb < kDbMinRowsPerBlock ? kDbMinRowsPerBlock : rpb;
+  return (rpb + kDbGroups - 1) / kDbGroups * kDbGroups;
+}
+inline int64_t db_row_blocks(int64_t M) {
+  const int64_t rpb = db_rows_per_block(M);
+  return (M + rpb - 1) / rpb;
+}
+
+template <typename T, Activation A>
+struct DzFromOutputElem {
+  const T* __restrict__ dy;
+  int64_t lddy;
+  const T* __restrict__ y;
+  int64_t ldy;
+  __device__ __forceinline__ acc_t<T> operator()(int64_t r, int64_t c) const {
+    const T dz = Num<T>::from_acc(Num<T>::to_acc(dy[r * lddy + c]) *
+                                  Act<A>::template grad_from_output<acc_t<T>>(Num<T>::to_acc(y[r * ldy + c])));
+    return Num<T>::to_acc(dz);
+  }
+};
+
+template <typename T>
+struct PlainElem {
+  const T* __restrict__ p;
+  int64_t ld;
+  __device__ __forceinline__ acc_t<T> operator()(int64_t r, int64_t c) const { return Num<T>::to_acc(p[r * ld + c]); }
+};
+
+template <typename T, class Elem>
+__global__ void __launch_bounds__(kDbThreads)
+    db_partial_kernel(Elem dz, int64_t M, int64_t N, int64_t rows_per_block, acc_t<T>* __restrict__ partial) {
+  using Acc = acc_t<T>;
+  FB_SHARED_ARRAY(Acc, red, kDbGroups * kDbCols);
+  const int lane = static_cast<int>(threadIdx.x) % kDbCols;
+  const int group = static_cast<int>(threadIdx.x) / kDbCols;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kDbCols + lane;
+  const int64_t rb = blockIdx.y;
+  const int64_t r_begin = rb * rows_per_block;
+  const int64_t r_end = r_begin + rows_per_block < M ? r_begin + rows_per_block : M;
+  Acc s = Acc(0);
+  if (c < N) {
+    for (int64_t r = r_begin + group; r < r_end; r += kDbGroups) s += dz(r, c);
+  }
+  red[group * kDbCols + lane] = s;
+  __syncthreads();
+  if (group == 0 && c < N) {
+    Acc t = red[lane];
+#pragma unroll
+    for (int g = 1; g < kDbGroups; ++g) t += red[g * kDbCols + lane];
+    partial[rb * N + c] = t;
+  }
+}
+
+constexpr int kDbFinalThreads = 256, kDbFinalColsPerBlock = kDbFinalThreads / 32;
+
+template <typename T>
+__global__ void __launch_bounds__(kDbFinalThreads)
+    db_finalize_kernel(const acc_t<T>* __restrict__ partial, int64_t row_blocks, int64_t N, T* __restrict__ db) {
+  using Acc = acc_t<T>;
+  const int lane = static_cast<int>(threadIdx.x) % 32;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kDbFinalColsPerBlock + static_cast<int>(threadIdx.x) / 32;
+  if (c >= N) return;  // whole warps leave together; no block barrier follows
+  Acc s = Acc(0);
+  for (int64_t j = lane; j < row_blocks; j += 32) s += partial[j * N + c];
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) s += __shfl_down_sync(0xffffffffu, s, off);
+  if (lane == 0) db[c] = Num<T>::from_acc(s);
+}
+
+// ------------------------------------------------------------------------------------------
+// Host-side launchers (grid shapes, path choice, workspace), shared by the torch glue and the
+// harness.
+// ------------------------------------------------------------------------------------------
+#if defined(__CUDACC__)
+#define FB_LAUNCH(kernel, grid, block, stream, ...) kernel<<<(grid), (block), 0, (stream)>>>(__VA_ARGS__)
+#else
+#define FB_LAUNCH(kernel, grid, block, stream, ...) ::cuda_host::launch((grid), (block), kernel, __VA_ARGS__)
+#endif
+
+namespace detail {
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// 16-byte vector accesses are legal when the base is 16-byte aligned and every row starts and
+// ends on a vector boundary.
+template <typename T>
+inline bool vec_ok(const T* p, int64_t ld, int64_t contiguous_extent) {
+  constexpr int V = kVec<T>;
+  return reinterpret_cast<uintptr_t>(p) % 16 == 0 && ld % V == 0 && contiguous_extent % V == 0;
+}
+
+constexpr int64_t kMaxGridY = 65535;
+
+// Calls f.template operator()<Cfg>() with the GEMM configuration for a rows x cols output.
+template <typename T, class F>
+decltype(auto) with_gemm_config(int64_t rows, int64_t cols, F&& f) {
+  if constexpr (kTensorCore<T>) {
+    return f.template operator()<WmmaConfig>();
+  } else if constexpr (std::is_same_v<T, double>) {
+    return f.template operator()<FmaF64>();
+  } else {
+    if (rows <= FmaF32Narrow::BM || cols <= FmaF32Narrow::BN) return f.template operator()<FmaF32Narrow>();
+    return f.template operator()<FmaF32Wide>();
+  }
+}
+
+template <typename T, class Cfg, class AOp, class BOp, class Epi>
+void run_gemm(const AOp& a, const BOp& b, const Epi& epi, int64_t M, int64_t N, int64_t red, cudaStream_t stream,
+              LaunchCheck check, int64_t splits = 1, int64_t split_len = 0) {
+  if (M == 0 || N == 0) return;
+  if (splits <= 1) split_len = red > 0 ? red : 1;
+  constexpr int BM = Cfg::BM, BN = Cfg::BN, NT = Cfg::NT;
+  const int64_t tiles_n = ceil_div(N, BN);
+  // grid.y is limited to 65535: very wide outputs are covered by several launches.
+  for (int64_t t0 = 0; t0 < tiles_n; t0 += kMaxGridY) {
+    const int64_t tn = tiles_n - t0 < kMaxGridY ? tiles_n - t0 : kMaxGridY;
+    const dim3 grid(static_cast<unsigned>(ceil_div(M, BM)), static_cast<unsigned>(tn),
+                    static_cast<unsigned>(splits > 1 ? splits : 1));
+    const dim3 block(NT);
+    if constexpr (kTensorCore<T>) {
+      auto* kernel = &gemm_wmma_kernel<T, AOp, BOp, Epi>;
+      FB_LAUNCH(kernel, grid, block, stream, a, b, epi, M, N, red, t0 * BN, split_len);
+    } else {
+      auto* kernel = &gemm_fma_kernel<Cfg, AOp, BOp, Epi>;
+      FB_LAUNCH(kernel, grid, block, stream, a, b, epi, M, N, red, t0 * BN, split_len);
+    }
+    check();
+  }
+}
+
+// Split-K plan for a GEMM with only a StoreEpilogue (dX, dW): when the output has too few
+// tiles to fill the GPU and the reduction is long (dW of a tall-skinny layer: a small N x K
+// output reduced over all M rows), the reduction is cut into `splits` chunks of `split_len`
+// (a multiple of BK, at least kSplitMinSteps k-steps). Depends on the shape only, so results
+// are reproducible on any GPU.
+constexpr int64_t kSplitTargetBlocks = 264;  // two waves of 132 SMs
+constexpr int64_t kSplitMaxSplits = 256;
+constexpr int64_t kSplitMinSteps = 4;
+
+struct SplitPlan {
+  int64_t splits = 1, split_len = 0;
+};
+
+template <class Cfg>
+SplitPlan split_plan(int64_t rows, int64_t cols, int64_t red) {
+  SplitPlan p;
+  p.split_len = red;
+  const int64_t tiles = ceil_div(rows, Cfg::BM) * ceil_div(cols, Cfg::BN);
+  if (rows == 0 || cols == 0 || tiles >= kSplitTargetBlocks) return p;
+  const int64_t min_len = kSplitMinSteps * Cfg::BK;
+  int64_t s = kSplitTargetBlocks / tiles;  // never more blocks than the target: no ragged last wave
+  s = s < kSplitMaxSplits ? s : kSplitMaxSplits;
+  const int64_t by_len = ceil_div(red, min_len);
+  s = s < by_len ? s : by_len;
+  if (s <= 1) return p;
+  p.split_len = ceil_div(ceil_div(red, s), Cfg::BK) * Cfg::BK;
+  p.splits = ceil_div(red, p.split_len);
+  return p;
+}
+
+template <typename T>
+size_t split_workspace_bytes(int64_t rows, int64_t cols, int64_t red) {
+  const SplitPlan p = with_gemm_config<T>(rows, cols, [&]<class Cfg>() { return split_plan<Cfg>(rows, cols, red); });
+  return p.splits > 1 ? static_cast<size_t>(p.splits * rows * cols) * sizeof(acc_t<T>) : 0;
+}
+
+// out[rows, cols] = A . B^T with a plain store, split over the reduction when that helps.
+template <typename T, class AOp, class BOp>
+void run_store_gemm(const AOp& a, const BOp& b, T* out, int64_t ldo, int64_t rows, int64_t cols, int64_t red,
+                    void* split_ws, cudaStream_t stream, LaunchCheck check) {
+  if (rows == 0 || cols == 0) return;
+  bool split = false;
+  int64_t splits = 1;
+  with_gemm_config<T>(rows, cols, [&]<class Cfg>() {
+    const SplitPlan p = split_plan<Cfg>(rows, cols, red);
+    splits = p.splits;
+    if (p.splits <= 1) {
+      run_gemm<T, Cfg>(a, b, StoreEpilogue<T>{out, ldo}, rows, cols, red, stream, check);
+      return;
+    }
+    split = true;
+    run_gemm<T, Cfg>(a, b, SplitPartialEpilogue<acc_t<T>>{static_cast<acc_t<T>*>(split_ws), cols, rows * cols}, rows,
+                     cols, red, stream, check, p.splits, p.split_len);
+  });
+  if (!split) return;
+  auto* ws = static_cast<acc_t<T>*>(split_ws);
+  const int64_t total = rows * cols;
+  int64_t blocks = ceil_div(total, kReduceThreads);
+  blocks = blocks < 4096 ? blocks : 4096;
+  auto* kernel = &splitk_reduce_kernel<T>;
+  FB_LAUNCH(kernel, dim3(static_cast<unsigned>(blocks)), dim3(kReduceThreads), stream,
+            static_cast<const acc_t<T>*>(ws), splits, rows, cols, out, ldo);
+  check();
+}
+
+template <typename T, class Elem>
+void run_bias_grad(const Elem& dz, int64_t M, int64_t N, acc_t<T>* partial, T* db, cudaStream_t stream,
+                   LaunchCheck check) {
+  if (N == 0) return;
+  const int64_t rpb = db_rows_per_block(M);
+  const int64_t rblocks = db_row_blocks(M);
+  {
+    const dim3 grid(static_cast<unsigned>(ceil_div(N, kDbCols)), static_cast<unsigned>(rblocks));
+    auto* kernel = &db_partial_kernel<T, Elem>;
+    FB_LAUNCH(kernel, grid, dim3(kDbThreads), stream, dz, M, N, rpb, partial);
+    check();
+  }
+  {
+    const dim3 grid(static_cast<unsigned>(ceil_div(N, kDbFinalColsPerBlock)));
+    auto* kernel = &db_finalize_kernel<T>;
+    FB_LAUNCH(kernel, grid, dim3(kDbFinalThreads), stream, static_cast<const acc_t<T>*>(partial), rblocks, N, db);
+    check();
+  }
+}
+
+inline size_t align_up(size_t v) { return (v + 255) / 256 * 256; }
+
+// dX and dW from a dZ operand pair (the same dZ read as k-contiguous for dX, row-contiguous for dW).
+template <typename T, class DzK, class DzR>
+void run_input_weight_grads(const BwdProblem<T>& p, const DzK& dz_k, const DzR& dz_r, void* split_ws,
+                            cudaStream_t stream, LaunchCheck check) {
+  if (p.dx != nullptr) {
+    // dX[M,K] = dZ[M,N] . W[N,K]: B(k, n) = W[n, k] is contiguous along its rows.
+    const PlainOperand<T, false> w{p.w, p.ldw, p.K, p.N, vec_ok(p.w, p.ldw, p.K)};
+    run_store_gemm<T>(dz_k, w, p.dx, p.lddx, p.M, p.K, p.N, split_ws, stream, check);
+  }
+  if (p.dw != nullptr) {
+    // dW[N,K] = dZ^T[N,M] . x[M,K]: B(k, m) = x[m, k] is contiguous along its rows.
+    const PlainOperand<T, false> x{p.x, p.ldx, p.K, p.M, vec_ok(p.x, p.ldx, p.K)};
+    run_store_gemm<T>(dz_r, x, p.dw, p.lddw, p.N, p.K, p.M, split_ws, stream, check);
+  }
+}
+
+// Workspace layout: [dZ (recompute)] [db partials] [split-K slices (shared by dX and dW,
+// which run one after the other on the stream)], each 256-byte aligned.
+struct BwdWorkspace {
+  size_t dz = 0, db = 0, split = 0;
+  size_t dz_off = 0, db_off = 0, split_off = 0, total = 0;
+};
+
+template <typename T>
+BwdWorkspace bwd_workspace(int64_t M, int64_t N, int64_t K, bool recompute, bool need_dx, bool need_dw,
+                           bool need_db) {
+  BwdWorkspace w;
+  if (M == 0 || N == 0) return w;
+  if (recompute) w.dz = static_cast<size_t>(M) * static_cast<size_t>(N) * sizeof(T);
+  if (need_db) w.db = static_cast<size_t>(db_row_blocks(M)) * static_cast<size_t>(N) * sizeof(acc_t<T>);
+  const size_t sx = need_dx ? split_workspace_bytes<T>(M, K, N) : 0;
+  const size_t sw = need_dw ? split_workspace_bytes<T>(N, K, M) : 0;
+  w.split = sx > sw ? sx : sw;
+  w.dz_off = 0;
+  w.db_off = align_up(w.dz);
+  w.split_off = w.db_off + align_up(w.db);
+  w.total = w.split_off + w.split;
+  return w;
+}
+
+}  // namespace detail
+
+template <typename T>
+size_t bwd_workspace_bytes(int64_t M, int64_t N, int64_t K, bool recompute, bool need_dx, bool need_dw,
+                           bool need_db) {
+  return detail::bwd_workspace<T>(M, N, K, recompute, need_dx, need_dw, need_db).total;
+}
+
+template <typename T, Activation A>
+void launch_forward(const FwdProblem<T>& p, cudaStream_t stream, LaunchCheck check) {
+  using namespace detail;
+  if (p.M == 0 || p.N == 0) return;
+  const PlainOperand<T, true> x{p.x, p.ldx, p.M, p.K, vec_ok(p.x, p.ldx, p.K)};
+  const PlainOperand<T, true> w{p.w, p.ldw, p.N, p.K, vec_ok(p.w, p.ldw, p.K)};
+  with_gemm_config<T>(p.M, p.N, [&]<class Cfg>() {
+    run_gemm<T, Cfg>(x, w, ForwardEpilogue<T, A>{p.out, p.ldo, p.bias}, p.M, p.N, p.K, stream, check);
+  });
+}
+
+template <typename T, Activation A>
+void launch_backward(const BwdProblem<T>& p, cudaStream_t stream, LaunchCheck check) {
+  using namespace detail;
+  // The glue fills dw/db with zeros for M = 0 and dx for N = 0.
+  if (p.M == 0 || p.N == 0) return;
+  const bool recompute = p.y == nullptr;
+  const BwdWorkspace wl =
+      bwd_workspace<T>(p.M, p.N, p.K, recompute, p.dx != nullptr, p.dw != nullptr, p.db != nullptr);
+  char* ws = static_cast<char*>(p.workspace);
+  auto* db_partial = reinterpret_cast<acc_t<T>*>(ws + wl.db_off);
+  void* split_ws = ws + wl.split_off;
+  if (!recompute) {
+    const bool v = vec_ok(p.dy, p.lddy, p.N) && vec_ok(p.y, p.ldy, p.N);
+    const DzFromOutputOperand<T, A, true> dz_k{p.dy, p.lddy, p.y, p.ldy, p.M, p.N, v};
+    const DzFromOutputOperand<T, A, false> dz_r{p.dy, p.lddy, p.y, p.ldy, p.N, p.M, v};
+    run_input_weight_grads<T>(p, dz_k, dz_r, split_ws, stream, check);
+    if (p.db != nullptr) {
+      run_bias_grad<T>(DzFromOutputElem<T, A>{p.dy, p.lddy, p.y, p.ldy}, p.M, p.N, db_partial, p.db, stream, check);
+    }
+    return;
+  }
+  // Recompute: one GEMM recomputes Z = x W^T + b and writes dZ; the rest reads dZ.
+  T* dz = reinterpret_cast<T*>(ws + wl.dz_off);
+  {
+    const PlainOperand<T, true> x{p.x, p.ldx, p.M, p.K, vec_ok(p.x, p.ldx, p.K)};
+    const PlainOperand<T, true> w{p.w, p.ldw, p.N, p.K, vec_ok(p.w, p.ldw, p.K)};
+    with_gemm_config<T>(p.M, p.N, [&]<class Cfg>() {
+      run_gemm<T, Cfg>(x, w, RecomputeDzEpilogue<T, A>{dz, p.N, p.dy, p.lddy, p.bias}, p.M, p.N, p.K, stream, check);
+    });
+  }
+  const bool v = vec_ok(static_cast<const T*>(dz), p.N, p.N);
+  const PlainOperand<T, true> dz_k{dz, p.N, p.M, p.N, v};
+  const PlainOperand<T, false> dz_r{dz, p.N, p.N, p.M, v};
+  run_input_weight_grads<T>(p, dz_k, dz_r, split_ws, stream, check);
+  if (p.db != nullptr) run_bias_grad<T>(PlainElem<T>{dz, p.N}, p.M, p.N, db_partial, p.db, stream, check);
+}
+
+// Explicit instantiation of everything the glue calls for one element type.
+#define FB_CUDA_INSTANTIATE(T)                                                                                   \
+  template size_t bwd_workspace_bytes<T>(int64_t, int64_t, int64_t, bool, bool, bool, bool);                    \
+  template void launch_forward<T, Activation::ReLU>(const FwdProblem<T>&, cudaStream_t, LaunchCheck);           \
+  template void launch_forward<T, Activation::Sigmoid>(const FwdProblem<T>&, cudaStream_t, LaunchCheck);        \
+  template void launch_backward<T, Activation::ReLU>(const BwdProblem<T>&, cudaStream_t, LaunchCheck);          \
+  template void launch_backward<T, Activation::Sigmoid>(const BwdProblem<T>&, cudaStream_t, LaunchCheck)
+
+}  // namespace fused_backprop::cuda

@@ -1,0 +1,82 @@
+// Torch-free launch API of the CUDA kernels: plain pointers, sizes and leading dimensions.
+//
+// The torch glue (linear_act_cuda.cu) includes only this header; the kernels themselves live in
+// kernels.cuh and are instantiated once per element type in kernels_<dtype>.cu, so nvcc compiles
+// them without the torch headers and in parallel. The host-execution harness
+// (tests/cuda_harness) includes kernels.cuh directly and runs these same launchers on the CPU.
+//
+// Layout: every matrix is row-major with a unit column stride and a leading dimension (row
+// stride) ld >= its column count. The glue makes any other layout contiguous first.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "../activation.h"
+
+#if defined(__CUDACC__)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#elif !defined(FB_CUDA_HOST_HARNESS)
+#error "csrc/cuda/launch.h needs nvcc, or the host-execution harness (tests/cuda_harness/cuda_host.h) included first"
+#endif
+
+namespace fused_backprop::cuda {
+
+// Called after every kernel launch (the glue passes C10_CUDA_KERNEL_LAUNCH_CHECK).
+using LaunchCheck = void (*)();
+
+// y = act(x W^T + b): x (M, K), weight (N, K), bias (N) or nullptr, out (M, N).
+template <typename T>
+struct FwdProblem {
+  const T* x;
+  int64_t ldx;
+  const T* w;
+  int64_t ldw;
+  const T* bias;  // may be nullptr
+  T* out;
+  int64_t ldo;
+  int64_t M, N, K;
+};
+
+// Backward of y = act(x W^T + b).
+//   y != nullptr: dZ = dY * act'(from y), formed on the fly inside the GEMM tile loaders.
+//   y == nullptr (recompute): Z = x W^T + b is recomputed by a GEMM whose epilogue writes dZ to
+//   the workspace; the GEMMs below then read that dZ.
+// dx (M, K), dw (N, K), db (N): nullptr when not requested. db is reduced deterministically:
+// per-block column partials (fixed row blocks) then a second, fixed-order stage; no atomics.
+template <typename T>
+struct BwdProblem {
+  const T* dy;
+  int64_t lddy;
+  const T* x;
+  int64_t ldx;
+  const T* w;
+  int64_t ldw;
+  const T* bias;  // used only under recompute; may be nullptr
+  const T* y;     // saved output, or nullptr = recompute
+  int64_t ldy;
+  T* dx;
+  int64_t lddx;
+  T* dw;
+  int64_t lddw;
+  T* db;
+  int64_t M, N, K;
+  void* workspace;  // bwd_workspace_bytes<T>(...) bytes, 256-byte aligned
+};
+
+// Bytes of scratch the backward needs (0 when none): dZ (M x N, T) under recompute, the db
+// partials (row blocks x N, accumulation type) when db is requested, and the split-K slices of
+// the dX / dW GEMMs when their outputs are too small to fill the GPU.
+template <typename T>
+size_t bwd_workspace_bytes(int64_t M, int64_t N, int64_t K, bool recompute, bool need_dx, bool need_dw,
+                           bool need_db);
+
+template <typename T, Activation A>
+void launch_forward(const FwdProblem<T>& p, cudaStream_t stream, LaunchCheck check);
+
+template <typename T, Activation A>
+void launch_backward(const BwdProblem<T>& p, cudaStream_t stream, LaunchCheck check);
+
+}  // namespace fused_backprop::cuda

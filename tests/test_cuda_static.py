@@ -1,0 +1,189 @@
+"""Static checks of the CUDA kernels: nvcc compiles the torch-free kernel translation units
+(csrc/cuda/kernels_<dtype>.cu) for sm_80 and sm_90 with -Xptxas -v; the report must show no
+register spills, no stack frame and no local memory for any kernel. Registers and shared memory
+per kernel are printed (pytest -s, or in the failure message). Where cuobjdump + nvdisasm are
+found (PATH, CUDA_HOME/bin, or the PyPI wheels nvidia-cuda-cuobjdump / nvidia-cuda-nvdisasm),
+the tensor-core kernels must contain HMMA instructions.
+
+Needs nvcc only (no GPU, no torch headers); skipped with the reason when nvcc is absent. The
+cubins and reports are cached under build/cuda_static/<hash of sources and flags>/.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import glob
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CUDA_DIR = ROOT / "csrc" / "cuda"
+DTYPES = ("f32", "f64", "f16", "bf16")
+ARCHS = ("sm_80", "sm_90")
+# the flags torch's CUDAExtension passes, so the kernels are checked as the extension builds them
+NVCC_FLAGS = ["-std=c++20", "-O3", "--expt-relaxed-constexpr", "-lineinfo",
+              "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+              "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__"]
+# kernel families each dtype must produce
+EXPECTED = {
+    "f32": ["gemm_fma_kernel", "db_partial_kernel", "db_finalize_kernel"],
+    "f64": ["gemm_fma_kernel", "db_partial_kernel", "db_finalize_kernel"],
+    "f16": ["gemm_wmma_kernel", "db_partial_kernel", "db_finalize_kernel"],
+    "bf16": ["gemm_wmma_kernel", "db_partial_kernel", "db_finalize_kernel"],
+}
+
+
+def find_nvcc() -> str | None:
+    for cand in (os.environ.get("NVCC"), os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc"),
+                 shutil.which("nvcc")):
+        if cand and os.path.isfile(cand) and os.access(cand, os.X_OK):
+            return cand
+    return None
+
+
+def _tool(name: str) -> str | None:
+    dirs = [os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin")]
+    for p in sys.path:
+        dirs += glob.glob(os.path.join(p, "nvidia", "cu*", "bin")) + glob.glob(os.path.join(p, "nvidia", "*", "bin"))
+    found = shutil.which(name)
+    if found:
+        return found
+    for d in dirs:
+        cand = os.path.join(d, name)
+        if os.path.isfile(cand) and os.access(cand, os.X_OK):
+            return cand
+    return None
+
+
+NVCC = find_nvcc()
+pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc not found (set CUDA_HOME or NVCC): static CUDA checks need it")
+
+
+def _cache_dir() -> Path:
+    h = hashlib.sha256()
+    for p in sorted(CUDA_DIR.glob("kernels*")) + [CUDA_DIR / "launch.h", ROOT / "csrc" / "activation.h"]:
+        h.update(p.name.encode() + p.read_bytes())
+    h.update(" ".join(NVCC_FLAGS).encode())
+    h.update(subprocess.run([NVCC, "--version"], capture_output=True, text=True).stdout.encode())
+    d = ROOT / "build" / "cuda_static" / h.hexdigest()[:16]
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def _compile(dtype: str, arch: str, out: Path) -> tuple[str, str, Path, str]:
+    cubin = out / f"{dtype}.{arch}.cubin"
+    log = out / f"{dtype}.{arch}.ptxas.txt"
+    if not (cubin.exists() and log.exists()):
+        cmd = [NVCC, *NVCC_FLAGS, f"-arch={arch}", "-cubin", "-Xptxas", "-v",
+               str(CUDA_DIR / f"kernels_{dtype}.cu"), "-o", str(cubin) + ".tmp"]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise AssertionError(f"nvcc failed:\n{' '.join(cmd)}\n{r.stderr[-8000:]}")
+        log.write_text(r.stdout + r.stderr)
+        os.replace(str(cubin) + ".tmp", cubin)
+    return dtype, arch, cubin, log.read_text()
+
+
+@pytest.fixture(scope="session")
+def reports():
+    out = _cache_dir()
+    jobs = [(d, a) for d in DTYPES for a in ARCHS]
+    workers = max(1, min(len(jobs), int(os.environ.get("MAX_JOBS", os.cpu_count() or 1))))
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        results = list(pool.map(lambda j: _compile(*j, out), jobs))
+    return {(d, a): (cubin, log) for d, a, cubin, log in results}
+
+
+def parse_ptxas(text: str) -> dict[str, dict]:
+    """{mangled kernel name: {regs, smem, stack, spill_stores, spill_loads, lmem, cumulative_stack}}"""
+    kernels: dict[str, dict] = {}
+    current = None
+    for line in text.splitlines():
+        m = re.search(r"(?:Compiling entry function|Function properties for) '?([A-Za-z0-9_$.]+)'?", line)
+        if m:
+            current = kernels.setdefault(m.group(1), dict(regs=None, smem=0, stack=0, spill_stores=0, spill_loads=0,
+                                                          lmem=0, cumulative_stack=0))
+            continue
+        if current is None:
+            continue
+        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m:
+            current["stack"], current["spill_stores"], current["spill_loads"] = map(int, m.groups())
+        m = re.search(r"Used (\d+) registers", line)
+        if m:
+            current["regs"] = int(m.group(1))
+            s = re.search(r"(\d+) bytes smem", line)
+            current["smem"] = int(s.group(1)) if s else 0
+            lm = re.search(r"(\d+) bytes lmem", line)
+            current["lmem"] = int(lm.group(1)) if lm else 0
+            cs = re.search(r"(\d+) bytes cumulative stack size", line)
+            current["cumulative_stack"] = int(cs.group(1)) if cs else 0
+    return kernels
+
+
+def _demangle(names):
+    cf = shutil.which("c++filt")
+    if not cf:
+        return {n: n for n in names}
+    r = subprocess.run([cf], input="\n".join(names), capture_output=True, text=True)
+    out = r.stdout.splitlines()
+    return dict(zip(names, out)) if len(out) == len(names) else {n: n for n in names}
+
+
+def _short(demangled: str) -> str:
+    s = demangled.replace("fused_backprop::cuda::", "").replace("fused_backprop::", "")
+    s = s.replace("(Activation)0", "relu").replace("(Activation)1", "sigmoid")
+    return re.sub(r"\(.*\)$", "", s)
+
+
+def test_no_spills_no_local_memory(reports):
+    rows, problems = [], []
+    for (dtype, arch), (_, log) in sorted(reports.items()):
+        kernels = parse_ptxas(log)
+        assert kernels, f"no kernels in the ptxas report for {dtype} {arch}:\n{log[-3000:]}"
+        names = _demangle(list(kernels))
+        for fam in EXPECTED[dtype]:
+            assert any(fam in n for n in kernels), f"{fam} missing from the {dtype} {arch} build"
+        for name, k in kernels.items():
+            assert k["regs"] is not None, f"no register count parsed for {name}"
+            rows.append((arch, dtype, k["regs"], k["smem"], _short(names[name])))
+            bad = {key: k[key] for key in ("stack", "spill_stores", "spill_loads", "lmem", "cumulative_stack") if k[key]}
+            if bad:
+                problems.append(f"{arch} {_short(names[name])}: {bad}")
+    table = "\n".join(f"{a:6} {d:5} {r:4d} regs {s:6d} B smem  {n}" for a, d, r, s, n in rows)
+    print("\nptxas resource report (registers / static shared memory per kernel):\n" + table)
+    assert not problems, "register spills / local memory:\n" + "\n".join(problems) + "\n\n" + table
+
+
+def test_tensor_core_kernels_use_hmma(reports):
+    cuobjdump, nvdisasm = _tool("cuobjdump"), _tool("nvdisasm")
+    if cuobjdump is None or nvdisasm is None:
+        pytest.skip("cuobjdump/nvdisasm not found: pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm")
+    env = {**os.environ, "PATH": os.path.dirname(nvdisasm) + os.pathsep + os.environ.get("PATH", "")}
+    for (dtype, arch), (cubin, _) in sorted(reports.items()):
+        r = subprocess.run([cuobjdump, "-sass", str(cubin)], capture_output=True, text=True, env=env)
+        assert r.returncode == 0, r.stderr
+        counts: dict[str, int] = {}
+        fn = None
+        for line in r.stdout.splitlines():
+            m = re.search(r"Function : (\S+)", line)
+            if m:
+                fn = m.group(1)
+                counts[fn] = 0
+            elif fn is not None and re.search(r"\bHMMA\b", line):
+                counts[fn] += 1
+        gemms = {k: v for k, v in counts.items() if "gemm_" in k}
+        assert gemms, f"no GEMM kernels in {cubin.name}"
+        for name, n in gemms.items():
+            if dtype in ("f16", "bf16"):
+                assert n > 0, f"{arch} {dtype}: {name} has no HMMA instruction"
+            else:
+                assert n == 0, f"{arch} {dtype}: FMA-path kernel {name} contains HMMA"
+        print(f"{arch} {dtype}: HMMA per GEMM kernel: {sorted(set(gemms.values()))}")
