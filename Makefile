@@ -4,28 +4,37 @@ PY        ?= python3
 VENV      ?= .venv
 VPY       := $(VENV)/bin/python
 TORCH     ?= torch==2.14.1
+# The benchmark's table, progress bar and plots, and the examples' data set.
+EXTRAS    := rich matplotlib scikit-learn
 export MAX_JOBS ?= 2
 # nvcc on PATH may be a wrapper: point the build at the real toolkit when there is one.
 export CUDA_HOME ?= $(shell test -x /usr/local/cuda/bin/nvcc && echo /usr/local/cuda)
 
-.PHONY: venv install test bench clean
+.PHONY: venv install test bench examples clean
 
 $(VPY):
 	$(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q "$(TORCH)" numpy pytest expecttest ninja setuptools wheel \
-		nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm
+		nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm $(EXTRAS)
 
 venv: $(VPY)
 
 # Editable install: ninja keeps its build folder, so a rebuild only compiles what changed.
 install: $(VPY)
+	$(VPY) -m pip install -q $(EXTRAS)
 	$(VPY) -m pip install -q --no-build-isolation -e .
 
 test: install
 	$(VPY) -m pytest -q tests
 
+# BENCH_ARGS="--quick" for a short run; --help lists the options.
 bench: install
-	$(VPY) benchmarks/bench_layers.py
+	$(VPY) -m fused_backprop.bench $(BENCH_ARGS)
+
+examples: install
+	$(VPY) examples/train_digits.py
+	$(VPY) examples/vanishing_gradients.py
+	$(VPY) examples/gradient_check.py
 
 clean:
 	rm -rf build *.egg-info fused_backprop/*.so

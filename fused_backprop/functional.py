@@ -26,6 +26,8 @@ def linear_act(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     check_activation(activation)
     check_recompute(recompute)
     impl = backends.resolve(backend, input.device)
+    if input.dim() == 2:
+        return LinearActFunction.apply(input, weight, bias, activation, recompute, impl)
     x = input.reshape(math.prod(input.shape[:-1]), input.shape[-1])
     out = LinearActFunction.apply(x, weight, bias, activation, recompute, impl)
     return out.reshape(*input.shape[:-1], weight.shape[0])

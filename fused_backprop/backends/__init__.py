@@ -88,13 +88,18 @@ def available_backends(device=None) -> list[str]:
     return [b.name for b in found]
 
 
+_AUTO: dict[str, Backend] = {}  # "auto"'s choice per device type, found once
+
+
 def resolve(name: str, device: torch.device) -> Backend:
     """The backend to run for ``name`` (a backend name or "auto") on ``device``."""
     if name == "auto":
-        for b in (get(n) for n in available_backends(device)):
-            if b.auto_priority is not None:
-                return b
-        raise RuntimeError(f"fused_backprop: no backend supports device {device}")
+        if device.type not in _AUTO:
+            found = [b for b in map(get, available_backends(device)) if b.auto_priority is not None]
+            if not found:
+                raise RuntimeError(f"fused_backprop: no backend supports device {device}")
+            _AUTO[device.type] = found[0]
+        return _AUTO[device.type]
     if name not in _MODULES:
         raise ValueError(f"fused_backprop: backend must be 'auto' or one of {names()}, got {name!r}")
     backend = get(name)

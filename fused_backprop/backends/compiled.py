@@ -11,12 +11,12 @@ from . import Backend, register
 
 
 def forward(x, weight, bias, activation):
-    return torch.ops.fused_backprop.linear_act_fwd(x, weight, bias, activation)
+    return torch.ops.fused_backprop.linear_act_fwd.default(x, weight, bias, activation)
 
 
 def backward(grad_out, x, weight, bias, out, activation, output_mask):
     mask = [bool(output_mask[0]), bool(output_mask[1]), bool(output_mask[2]) and bias is not None]
-    dx, dw, db = torch.ops.fused_backprop.linear_act_bwd(grad_out, x, weight, bias, out, activation, mask)
+    dx, dw, db = torch.ops.fused_backprop.linear_act_bwd.default(grad_out, x, weight, bias, out, activation, mask)
     return (dx if mask[0] else None), (dw if mask[1] else None), (db if mask[2] else None)
 
 

@@ -1,0 +1,288 @@
+"""The benchmark CLI ``python -m fused_backprop.bench``: its options, its outputs (table, CSV, JSON,
+PNGs), the correctness gate (a wrong backend is reported and not timed) and its timing helpers.
+
+Everything runs on tiny shapes with short timings; only the end-to-end test pays for torch.compile."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import fused_backprop as fb
+from fused_backprop import backends
+from fused_backprop.bench import cases, cli, report, timing
+
+REPO = Path(__file__).resolve().parent.parent
+FAST = ["--shapes", "64x16x8,96x24x40", "--repeat", "2", "--warmup", "1", "--min-sample-ms", "0.2", "--no-progress"]
+
+
+def read_csv(path: Path) -> list:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def run_main(tmp_path, *argv) -> tuple:
+    rc = cli.main([*FAST, "--out", str(tmp_path), *argv])
+    return rc, read_csv(tmp_path / "bench.csv"), json.loads((tmp_path / "bench.json").read_text())
+
+
+# ------------------------------------------------------------------------------------- end to end
+
+def test_module_entry_point_writes_table_csv_json_and_plots(tmp_path):
+    """What `make bench` does, shrunk: a subprocess of the real entry point, compile included."""
+    pytest.importorskip("rich")
+    pytest.importorskip("matplotlib")
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(
+        [sys.executable, "-m", "fused_backprop.bench", "--quick", "--shapes", "128x32x32", "--activations", "relu",
+         "--modes", "all", "--repeat", "2", "--min-sample-ms", "0.5", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    for text in ("median ms", "vs eager", "vs compile", "/ floor", "GFLOP/s", "geometric mean", "forward+backward"):
+        assert text in out
+    if backends.get("triton") is not None:
+        assert "triton: skipped on the CPU (interpreter only)" in out
+    # progress: one line per measurement when stderr is not a terminal
+    assert "[1/" in proc.stderr
+    rows = read_csv(tmp_path / "bench.csv")
+    providers = {r["provider"] for r in rows}
+    assert {"cpu", "eager", "compile", "floor"} <= providers and "triton" not in providers
+    assert {r["mode"] for r in rows} == set(cases.MODES)
+    for r in rows:
+        assert r["status"] == "ok" and float(r["median_ms"]) > 0 and float(r["gflops"]) > 0
+        assert float(r["speedup_vs_compile"]) > 0 and float(r["time_vs_floor"]) > 0
+    doc = json.loads((tmp_path / "bench.json").read_text())
+    assert doc["meta"]["skipped"]["cpu"].get("triton", "interpreter only").startswith("skipped on the CPU")
+    assert len(doc["rows"]) == len(rows) and doc["summary"]
+    for name in ("time_cpu_float32.png", "speedup_cpu_float32.png"):
+        data = (tmp_path / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+# ---------------------------------------------------------------------------------------- options
+
+def test_options_modes_recompute_dtypes_backends(tmp_path, capsys):
+    rc, rows, doc = run_main(tmp_path, "--modes", "all", "--recompute", "both", "--dtypes", "float64,bf16",
+                             "--activations", "sigmoid", "--backends", "cpu,torch,numpy", "--baselines",
+                             "eager,floor", "--no-plots")
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "backward · float64" in out and "forward · bfloat16" in out
+    assert {r["dtype"] for r in rows} == {"float64", "bfloat16"}
+    assert {r["activation"] for r in rows} == {"sigmoid"}
+    assert {(r["M"], r["K"], r["N"]) for r in rows} == {("64", "16", "8"), ("96", "24", "40")}
+    by_mode = {m: {r["provider"] for r in rows if r["mode"] == m} for m in cases.MODES}
+    assert by_mode["forward"] == {"cpu", "torch", "numpy", "eager", "floor"}  # recompute: backward only
+    for mode in ("backward", "forward+backward"):
+        assert by_mode[mode] == {"cpu", "cpu+recompute", "torch", "torch+recompute", "numpy",
+                                 "numpy+recompute", "eager", "floor"}
+    assert all(r["status"] == "ok" for r in rows), [r for r in rows if r["status"] != "ok"]
+    assert all(r["speedup_vs_compile"] == "" for r in rows)  # no compile baseline
+    eager = [r for r in rows if r["provider"] == "eager"]
+    assert all(float(r["speedup_vs_eager"]) == 1.0 for r in eager)
+    assert not list(tmp_path.glob("*.png"))
+    assert doc["meta"]["options"]["recompute"] == "both"
+    assert int(rows[0]["samples"]) == 2
+
+
+def test_gflops_and_ratios_follow_from_the_medians(tmp_path):
+    rc, rows, _ = run_main(tmp_path, "--modes", "fwd,bwd", "--activations", "relu", "--baselines", "eager,floor",
+                           "--no-plots")
+    assert rc == 0
+    for r in rows:
+        m, k, n, t = int(r["M"]), int(r["K"]), int(r["N"]), float(r["median_ms"]) / 1e3
+        gemms = {"forward": 1, "backward": 2}[r["mode"]]
+        assert float(r["gflops"]) == pytest.approx(2 * gemms * m * k * n / t / 1e9, rel=1e-6)
+        group = {q["provider"]: float(q["median_ms"]) for q in rows
+                 if (q["mode"], q["M"], q["N"]) == (r["mode"], r["M"], r["N"])}
+        assert float(r["speedup_vs_eager"]) == pytest.approx(group["eager"] / group[r["provider"]], rel=1e-6)
+        assert float(r["time_vs_floor"]) == pytest.approx(group[r["provider"]] / group["floor"], rel=1e-6)
+        assert float(r["q25_ms"]) <= float(r["median_ms"]) <= float(r["q75_ms"])
+
+
+def test_plots_for_each_device_and_dtype(tmp_path):
+    pytest.importorskip("matplotlib")
+    rc, _, _ = run_main(tmp_path, "--dtypes", "float32,float64", "--activations", "relu", "--baselines", "eager")
+    assert rc == 0
+    for name in ("time_cpu_float32.png", "speedup_cpu_float32.png", "time_cpu_float64.png", "speedup_cpu_float64.png"):
+        assert (tmp_path / name).stat().st_size > 10_000
+
+
+def test_progress_lines(tmp_path, capsys):
+    rc = cli.main([*FAST[:-1], "--activations", "relu", "--baselines", "floor", "--no-plots", "--out", str(tmp_path)])
+    assert rc == 0
+    err = capsys.readouterr().err
+    assert "[1/8] cpu float32 relu 64x16x8 forward" in err and "[8/8]" in err
+
+
+def test_list_backends(capsys):
+    assert cli.main(["--list"]) == 0
+    out = capsys.readouterr().out
+    assert "cpu      timed by default" in out
+    assert "reference backend" in out
+    if backends.get("triton") is not None:
+        assert "triton   skipped on the CPU (interpreter only)" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--shapes", "12x3"], "shapes must look like"),
+    (["--shapes", "0x3x4"], "shapes must look like"),
+    (["--dtypes", "int8"], "unknown dtype int8"),
+    (["--activations", "tanh"], "unknown activation tanh"),
+    (["--modes", "sideways"], "unknown mode sideways"),
+    (["--baselines", "jax"], "unknown baseline jax"),
+    (["--backends", "nope"], "unknown backend nope"),
+    (["--repeat", "0"], "must be > 0"),
+    (["--recompute", "maybe"], "invalid choice"),
+])
+def test_bad_options_are_rejected(argv, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        cli.main([*argv, "--out", str(tmp_path)])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for machines without a GPU")
+def test_cuda_device_without_a_gpu_is_an_error(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--device", "cuda", "--list"])
+    assert "no CUDA GPU" in capsys.readouterr().err
+
+
+def test_quick_defaults_and_explicit_options_win():
+    args = cli.resolve_options(cli.build_parser().parse_args(["--quick", "--repeat", "7"]))
+    assert args.shapes == cli.QUICK_SHAPES and args.repeat == 7 and args.warmup == cli.QUICK["warmup"]
+    args = cli.resolve_options(cli.build_parser().parse_args([]))
+    assert args.shapes == cli.SHAPES == [(65536, 64, 64), (16384, 256, 256), (8192, 1024, 1024)]
+    assert args.modes == ["forward", "forward+backward"] and args.activations == ["relu", "sigmoid"]
+    assert args.baselines == ["eager", "compile", "floor"] and args.dtype_list == [torch.float32]
+
+
+# ------------------------------------------------------------------------------ correctness gate
+
+def _register(monkeypatch, name, **changes):
+    impl = dataclasses.replace(backends.get("torch"), name=name, **changes)
+    monkeypatch.setitem(backends._REGISTRY, name, impl)
+    monkeypatch.setitem(backends._MODULES, name, "tests.nowhere")
+    return impl
+
+
+def test_wrong_forward_is_flagged_and_not_timed(tmp_path, monkeypatch, capsys):
+    good = backends.get("torch")
+    _register(monkeypatch, "broken", forward=lambda x, w, b, act: good.forward(x, w, b, act) * 1.01)
+    rc, rows, doc = run_main(tmp_path, "--backends", "broken,torch", "--baselines", "eager", "--no-plots")
+    assert rc == 1
+    broken = [r for r in rows if r["provider"] == "broken"]
+    assert broken and all(r["status"] == "wrong" and r["median_ms"] == "" and r["gflops"] == "" for r in broken)
+    assert all("out off by" in r["note"] for r in broken)
+    assert all(float(r["check_err"]) > 1e-3 for r in broken)
+    others = [r for r in rows if r["provider"] != "broken"]
+    assert others and all(r["status"] == "ok" and float(r["median_ms"]) > 0 for r in others)
+    captured = capsys.readouterr()
+    assert "WRONG" in captured.out and "WRONG RESULTS (not timed): broken on cpu float32" in captured.err
+    assert any(r["status"] == "wrong" for r in doc["rows"])
+
+
+def test_wrong_backward_is_flagged(tmp_path, monkeypatch):
+    good = backends.get("torch")
+
+    def backward(grad_out, x, w, b, out, act, mask):
+        dx, dw, db = good.backward(grad_out, x, w, b, out, act, mask)
+        return dx, dw.t().contiguous().t() * 0.5, db  # dW halved
+
+    _register(monkeypatch, "badgrad", backward=backward)
+    rc, rows, _ = run_main(tmp_path, "--backends", "badgrad", "--baselines", "floor", "--activations", "relu",
+                           "--no-plots")
+    assert rc == 1
+    bad = [r for r in rows if r["provider"] == "badgrad"]
+    assert bad and all(r["status"] == "wrong" and "dW off by" in r["note"] and r["median_ms"] == "" for r in bad)
+
+
+def test_backend_that_raises_is_reported_not_timed(tmp_path, monkeypatch):
+    def forward(x, w, b, act):
+        raise RuntimeError("no kernel for this dtype")
+
+    _register(monkeypatch, "raiser", forward=forward)
+    rc, rows, _ = run_main(tmp_path, "--backends", "raiser", "--baselines", "eager", "--activations", "relu",
+                           "--no-plots")
+    assert rc == 0  # an unsupported case is not a wrong result
+    bad = [r for r in rows if r["provider"] == "raiser"]
+    assert bad and all(r["status"] == "error" and "no kernel for this dtype" in r["note"] for r in bad)
+    assert all(r["median_ms"] == "" for r in bad)
+
+
+def test_gate_passes_the_real_backends_in_every_dtype():
+    for dtype in (torch.float64, torch.float32, torch.bfloat16):
+        for activation in ("relu", "sigmoid"):
+            case = cases.Case("cpu", dtype, activation, 300, 70, 90)
+            tensors = cases.make_tensors(case)
+            for name in ("cpu", "torch", "numpy"):
+                for recompute in (False, True):
+                    check = cases.check_provider(cases.backend_provider(name, recompute), case, tensors)
+                    assert check.ok, (name, dtype, activation, recompute, check)
+
+
+def test_normalized_error():
+    want = torch.tensor([1.0, -4.0, float("nan")], dtype=torch.float64)
+    assert cases.normalized_error(torch.tensor([1.0, -4.0, float("nan")]), want) == 0
+    assert cases.normalized_error(torch.tensor([1.0, -3.0, float("nan")]), want) == pytest.approx(0.25)
+    assert cases.normalized_error(torch.tensor([1.0, -4.0, 0.0]), want) == float("inf")
+    assert cases.normalized_error(torch.tensor([1.0, -4.0]), want) == float("inf")
+
+
+# ------------------------------------------------------------------------------------- timing
+
+def test_measurement_statistics():
+    m = timing.Measurement([5.0, 1.0, 3.0, 2.0, 4.0], number=3)
+    assert m.median == 3.0 and m.q25 == 2.0 and m.q75 == 4.0 and m.spread == pytest.approx(2 / 3)
+    assert timing.Measurement([2.0], 1).spread == 0
+
+
+def test_measure_interleaved_warms_up_calibrates_and_reports_errors():
+    calls = {"a": 0, "b": 0}
+
+    def a():
+        calls["a"] += 1
+
+    def b():
+        calls["b"] += 1
+        if calls["b"] > 2:
+            raise ValueError("boom")
+
+    def c():  # fails while being sampled, after warm-up and calibration
+        calls["c"] = calls.get("c", 0) + 1
+        if calls["c"] > 5:
+            raise KeyError("late")
+
+    errors = {}
+    out = timing.measure_interleaved({"a": a, "b": b, "c": c}, timing.Clock(), warmup=2, repeat=4,
+                                     min_sample_s=1e-9, on_error=lambda name, exc: errors.setdefault(name, exc))
+    assert set(out) == {"a"} and isinstance(errors["b"], ValueError) and isinstance(errors["c"], KeyError)
+    calls["a"] = 0
+    out = timing.measure_interleaved({"a": a}, timing.Clock(), warmup=2, repeat=4, min_sample_s=1e-4)
+    assert len(out["a"].times) == 4 and out["a"].number > 1  # a no-op needs many calls per sample
+    assert calls["a"] == 2 + 1 + 4 * out["a"].number
+
+
+def test_clock_for_device():
+    assert isinstance(timing.clock_for("cpu"), timing.Clock) and timing.clock_for("cpu").name == "perf_counter"
+    assert isinstance(timing.clock_for("cuda:0"), timing.CudaClock)
+
+
+def test_markdown_table():
+    rows = [dict(device="cpu", device_name="x", dtype="float32", mode="forward", activation="relu", M=1, K=2, N=3,
+                 provider=p, backend=None, recompute=None, status="ok", check_err=None, median_ms=t, q25_ms=t,
+                 q75_ms=t, spread_pct=0.0, samples=1, calls_per_sample=1, gflops=1.0, speedup_vs_eager=None,
+                 speedup_vs_compile=None, time_vs_floor=None, note="") for p, t in (("eager", 2.0), ("floor", 1.0))]
+    report.add_ratios(rows)
+    text = report.markdown_table(rows, "forward", "cpu", "float32")
+    assert text.count("\n") == 3 and "| relu | 1×2×3 | floor | 1.000 |" in text and "2.00×" in text
