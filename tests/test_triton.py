@@ -18,7 +18,7 @@ import torch.nn.functional as F
 pytest.importorskip("triton")
 
 import fused_backprop as fb  # noqa: E402
-from fused_backprop import backends, reference  # noqa: E402
+from fused_backprop import backends, reference, sign_mask  # noqa: E402
 from fused_backprop.activations import ACTIVATIONS as ACT_FNS  # noqa: E402
 from helpers import ACTIVATIONS, ODD_SHAPES, TOL, assert_close, sample_inputs  # noqa: E402
 
@@ -46,6 +46,14 @@ TORCH_ACT = {"relu": torch.relu, "sigmoid": torch.sigmoid}
 TORCH = backends.get("torch")
 FLOATS = [torch.float32, torch.float64]
 SHAPE_IDS = [f"M{m}K{k}N{n}" for m, k, n in ODD_SHAPES]
+
+
+@pytest.fixture(params=["two-gemm", "single-pass"])
+def path(request, monkeypatch):
+    """Which backward kernels run: the two GEMM kernels (dX; dW + db), or the single-pass kernel of
+    narrow layers (by default for N, K <= 64; forced here for every test shape, up to 128)."""
+    monkeypatch.setattr(ops, "NARROW_MAX", 0 if request.param == "two-gemm" else 128)
+    return request.param
 
 
 def inputs(m, k, n, dtype, **kw):
@@ -94,7 +102,7 @@ def test_forward_parity(dtype, activation, bias, shape, noncontiguous):
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("dtype", FLOATS, ids=str)
-def test_backward_parity(dtype, activation, bias, recompute, shape, noncontiguous):
+def test_backward_parity(dtype, activation, bias, recompute, shape, noncontiguous, path):
     """Every gradient through the public API (autograd.Function -> triton backend) against the
     torch backend's autograd and the NumPy reference."""
     m, k, n = shape
@@ -144,7 +152,7 @@ def _expected_grads(g, x, w, b, activation):
                                   (False, False, True), (False, True, True), (False, False, False)],
                          ids=lambda m: "".join("1" if v else "0" for v in m))
 @pytest.mark.parametrize("recompute", [False, True], ids=["saved", "recompute"])
-def test_bwd_op_output_mask(mask, recompute):
+def test_bwd_op_output_mask(mask, recompute, path):
     x, w, b = inputs(37, 13, 11, torch.float64)
     g = grad_like((37, 11), torch.float64)
     y, dx, dw, db = _expected_grads(g, x, w, b, "sigmoid")
@@ -160,7 +168,7 @@ def test_bwd_op_output_mask(mask, recompute):
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
-def test_bwd_noncontiguous_grad_and_out(activation):
+def test_bwd_noncontiguous_grad_and_out(activation, path):
     """grad_out and out as transposed views (strides used, no copies)."""
     x, w, b = inputs(37, 13, 11, torch.float64, noncontiguous=True)
     g = grad_like((11, 37), torch.float64).t()
@@ -175,7 +183,7 @@ def test_bwd_noncontiguous_grad_and_out(activation):
 @pytest.mark.parametrize("splits", [2, 3, 5])
 @pytest.mark.parametrize("recompute", [False, True], ids=["saved", "recompute"])
 @pytest.mark.parametrize("dtype", FLOATS, ids=str)
-def test_split_reduction(dtype, recompute, splits):
+def test_split_reduction(dtype, recompute, splits, path):
     """dW/db over M split in row blocks (what long-M shapes get on a GPU), reduced in a second,
     fixed-order pass: same results, and bitwise deterministic run to run."""
     x, w, b = inputs(130, 65, 33, dtype)
@@ -193,6 +201,58 @@ def test_split_reduction(dtype, recompute, splits):
     assert torch.equal(db_only[2], first[2])
 
 
+@pytest.mark.parametrize("shape", [(37, 13, 16), (130, 65, 40), (5, 1, 8), (37, 13, 11), (6, 9, 1)],
+                         ids=lambda s: "M{}K{}N{}".format(*s))
+def test_relu_sign_mask_input(shape, path):
+    """relu's packed 1-bit sign mask as ``out`` (what recompute=True keeps for relu) is read by the
+    kernels directly when N % 8 == 0 (unpacked first otherwise) and gives exactly the gradients of
+    the saved output."""
+    m, k, n = shape
+    x, w, b = inputs(m, k, n, torch.float64, noncontiguous=True)
+    y = torch.relu(F.linear(x, w, b))
+    y[0, 0] = 0.0  # a kink: relu'(0) = 0
+    g = grad_like((m, n), torch.float64)
+    packed = sign_mask.pack(y)
+    assert packed.dtype == torch.uint8 and packed.shape == ((m * n + 7) // 8,)
+    for splits in (None, 2):
+        from_out = ops.linear_act_backward(g, x, w, b, y, "relu", (True, True, True), splits=splits)
+        from_mask = ops.linear_act_backward(g, x, w, b, packed, "relu", (True, True, True), splits=splits)
+        for a, c in zip(from_out, from_mask):
+            assert torch.equal(a, c)
+    via_op = torch.ops.fused_backprop.triton_linear_act_bwd(g, x, w, b, packed, "relu", [True, True, True])
+    dz = g * (y > 0).to(g.dtype)
+    for a, c in zip(via_op, (dz @ w, dz.t() @ x, dz.sum(0))):
+        assert_close(a, c)
+
+
+def test_sign_mask_argument_errors():
+    x, w, b = inputs(5, 4, 3, torch.float64)
+    g = grad_like((5, 3), torch.float64)
+    packed = sign_mask.pack(torch.relu(F.linear(x, w, b)))
+    with pytest.raises(ValueError, match="only for activation 'relu'"):
+        torch.ops.fused_backprop.triton_linear_act_bwd(g, x, w, b, packed, "sigmoid", [True, True, True])
+    with pytest.raises(ValueError, match="ceil"):
+        torch.ops.fused_backprop.triton_linear_act_bwd(g, x, w, b, packed[:1], "relu", [True, True, True])
+
+
+def test_relu_recompute_passes_the_sign_mask(monkeypatch):
+    """Through the public API, relu with recompute=True hands the packed mask to the kernels
+    (the backend accepts it, so nothing unpacks it to an (M, N) tensor first)."""
+    assert TRITON.accepts_sign_mask
+    seen = []
+    backward = ops.linear_act_backward
+
+    def spy(grad_out, x, weight, bias, out, *args, **kwargs):
+        seen.append(None if out is None else out.dtype)
+        return backward(grad_out, x, weight, bias, out, *args, **kwargs)
+
+    monkeypatch.setattr(ops, "linear_act_backward", spy)
+    x, w, b = inputs(9, 6, 8, torch.float64, requires_grad=True)
+    y = fb.linear_relu(x, w, b, recompute=True, backend="triton")
+    y.sum().backward()
+    assert seen == [torch.uint8]
+
+
 def test_deterministic_through_autograd():
     x, w, b = inputs(130, 65, 33, torch.float32, requires_grad=True)
     g = grad_like((130, 33), torch.float32)
@@ -206,7 +266,7 @@ def test_deterministic_through_autograd():
 
 @pytest.mark.parametrize("recompute", [False, True], ids=["saved", "recompute"])
 @pytest.mark.parametrize("activation", ACTIVATIONS)
-def test_zero_in_features(activation, recompute):
+def test_zero_in_features(activation, recompute, path):
     """K = 0: the pre-activation is the bias (ops level; the public API's flattening is not
     what is tested here)."""
     x = torch.empty((4, 0), dtype=torch.float64, device=DEVICE)
@@ -237,6 +297,25 @@ def test_nan_propagates(dtype, activation):
     y_ref = TORCH_ACT[activation](F.linear(x, w, b))
     torch.testing.assert_close(y, y_ref, equal_nan=True, **TOL[dtype])
     assert torch.equal(y.isnan(), y_ref.isnan()) and y.isnan().any()
+
+
+@pytest.mark.parametrize("recompute", [False, True], ids=["saved", "recompute"])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_nan_backward_matches_torch_backend(activation, recompute):
+    """Gradients with a NaN in x and in the incoming gradient: the same NaN pattern (and values
+    elsewhere) as the torch backend, which applies dZ = dY * act'(.) the same way."""
+    grads = {}
+    for backend in ("triton", "torch"):
+        x, w, b = inputs(9, 6, 5, torch.float64, requires_grad=False)
+        x[2, 3] = float("nan")
+        x, w, b = (t.requires_grad_(True) for t in (x, w, b))
+        g = grad_like((9, 5), torch.float64)
+        g[4, 1] = float("nan")
+        y = fb.linear_act(x, w, b, activation, recompute=recompute, backend=backend)
+        grads[backend] = (y, *torch.autograd.grad(y, (x, w, b), g))
+    for got, want in zip(grads["triton"], grads["torch"]):
+        assert torch.equal(got.isnan(), want.isnan())
+        torch.testing.assert_close(got, want, equal_nan=True, **TOL[torch.float64])
 
 
 @pytest.mark.parametrize("recompute", [False, True], ids=["saved", "recompute"])
@@ -301,11 +380,20 @@ def _opcheck_bwd_samples():
     for activation in ACTIVATIONS:
         for recompute in (False, True):
             for mask in ([True, True, True], [True, False, True], [False, True, False]):
-                x, w, b = inputs(7, 5, 3, torch.float32)
-                y = TORCH_ACT[activation](F.linear(x, w, b))
-                yield (grad_like((7, 3), torch.float32), x, w, b, None if recompute else y, activation, mask)
+                for requires_grad in (False, True):
+                    if requires_grad and mask != [True, True, True]:
+                        continue
+                    x, w, b = inputs(7, 5, 3, torch.float64, requires_grad=requires_grad)
+                    y = None if recompute else \
+                        TORCH_ACT[activation](F.linear(x, w, b)).detach().requires_grad_(requires_grad)
+                    g = grad_like((7, 3), torch.float64).requires_grad_(requires_grad)
+                    yield (g, x, w, b, y, activation, mask)
     x, w, _ = inputs(7, 5, 3, torch.float32, bias=False, noncontiguous=True)
     yield (grad_like((7, 3), torch.float32), x, w, None, None, "relu", [True, True, True])
+    for n in (3, 8):
+        x, w, b = inputs(7, 5, n, torch.float32)
+        packed = sign_mask.pack(torch.relu(F.linear(x, w, b)))
+        yield (grad_like((7, n), torch.float32), x, w, b, packed, "relu", [True, True, True])
 
 
 @pytest.mark.parametrize("i", range(len(list(_opcheck_fwd_samples()))))
@@ -420,16 +508,19 @@ def test_backend_registration():
 
 
 def test_autotune_configs():
-    for (kind, family), tiles in kernels.TILES.items():
-        assert kind in ("fwd", "bwd") and family in ("ampere", "hopper") and tiles
+    assert {role for role, _ in kernels.TILES} == set(kernels.ROLES)
+    for (role, family), tiles in kernels.TILES.items():
+        assert family in ("ampere", "hopper", "fma") and tiles
         for a, b, red, warps, stages in tiles:
             for v in (a, b, red):
                 assert v >= 16 and v & (v - 1) == 0
             assert warps in (2, 4, 8) and 1 <= stages <= 5
-            if kind == "bwd":
+            if role == "dw":
                 assert red <= kernels.MAX_BLOCK_M
-    for kernel, role in ((kernels._linear_act_forward_kernel, "fwd"), (kernels._linear_act_backward_dz_kernel, "fwd"),
-                         (kernels._linear_act_backward_dx_kernel, "dx"), (kernels._linear_act_backward_dw_kernel, "dw")):
+    for kernel, role in ((kernels._linear_act_forward_kernel, "fwd"),
+                         (kernels._linear_act_backward_dz_kernel, "dz"),
+                         (kernels._linear_act_backward_dx_kernel, "dx"),
+                         (kernels._linear_act_backward_dw_kernel, "dw")):
         assert list(kernel.keys) == ["M", "N", "K"]
         for c in kernel.configs:
             assert set(kernels.ROLES[role]) | {"GROUP"} == set(c.kwargs)
@@ -460,3 +551,129 @@ def test_op_argument_errors():
         torch.ops.fused_backprop.triton_linear_act_fwd(x, w.double(), b, "relu")
     with pytest.raises(ValueError, match="grad_out"):
         torch.ops.fused_backprop.triton_linear_act_bwd(x, x, w, b, None, "relu", [True, True, True])
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU readiness without a GPU: compile the kernels for sm_80 and sm_90 with Triton's own compiler
+# and ptxas (both ship in the triton wheel) and read the resource report.
+# ------------------------------------------------------------------------------------------------
+
+AOT_SCRIPT = r"""
+import json, os, re, subprocess, sys, tempfile
+os.environ.pop("TRITON_INTERPRET", None)
+import triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from fused_backprop.triton import kernels as K
+
+PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+# strides a contiguous launch passes as 1 (Triton specializes them to constants)
+UNIT = {"stride_xk", "stride_wk", "stride_b", "stride_on", "stride_dyn", "stride_dzn", "stride_vn",
+        "stride_dxk", "stride_dwk", "stride_db"}
+ROLE = {"_linear_act_forward_kernel": "fwd", "_linear_act_backward_dz_kernel": "dz",
+        "_linear_act_backward_dx_kernel": "dx", "_linear_act_backward_dw_kernel": "dw"}
+
+def jit_fn(k):
+    while not isinstance(k, triton.runtime.jit.JITFunction):
+        k = k.fn
+    return k
+
+def compile_report(kernel, ptrs, constexprs, cfg, arch):
+    fn = jit_fn(kernel)
+    sig, attrs, consts = {}, {}, {**constexprs, **cfg.kwargs}
+    for i, name in enumerate(fn.arg_names):
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name in ptrs:
+            sig[name] = "*" + ptrs[name]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name in UNIT:
+            sig[name], consts[name] = "constexpr", 1
+        else:
+            sig[name] = "i32"
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    c = triton.compile(ASTSource(fn, sig, constexprs=consts, attrs=attrs), target=GPUTarget("cuda", arch, 32),
+                       options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+    ptx = c.asm["ptx"]
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(ptx)
+    try:
+        out = subprocess.run([PTXAS, "-arch=" + ("sm_90a" if arch == 90 else "sm_80"), "-v", f.name, "-o", os.devnull],
+                             capture_output=True, text=True, check=True).stderr
+    finally:
+        os.unlink(f.name)
+    return dict(shared=c.metadata.shared, regs=max(int(v) for v in re.findall(r"Used (\d+) registers", out)),
+                spill=sum(int(v) for v in re.findall(r"(\d+) bytes spill stores", out)),
+                tc="wgmma" if "wgmma" in ptx else "mma" if "mma.sync" in ptx else "fma")
+
+every = sys.argv[1] == "all"
+acc = {"bf16": tl.float32, "fp16": tl.float32, "fp32": tl.float32}
+for arch, family, dt, prec in ((80, "ampere", "bf16", "tf32"), (90, "hopper", "bf16", "tf32"),
+                               (80, "fma", "fp32", "ieee"), (90, "fma", "fp32", "ieee")):
+    for kernel, ptrs, ce in (
+        (K._linear_act_forward_kernel, dict(x_ptr=dt, w_ptr=dt, b_ptr=dt, out_ptr=dt),
+         dict(ACT=1, HAS_BIAS=True, EVEN_K=True)),
+        (K._linear_act_backward_dz_kernel, dict(x_ptr=dt, w_ptr=dt, b_ptr=dt, dy_ptr=dt, dz_ptr=dt),
+         dict(ACT=1, HAS_BIAS=True, EVEN_K=True)),
+        (K._linear_act_backward_dx_kernel, dict(dy_ptr=dt, v_ptr=dt, w_ptr=dt, dx_ptr=dt),
+         dict(ACT=1, MODE=1, EVEN_N=True)),
+        (K._linear_act_backward_dw_kernel, dict(dy_ptr=dt, v_ptr=dt, x_ptr=dt, dw_ptr="fp32", db_ptr="fp32"),
+         dict(ACT=1, MODE=1, COMPUTE_DW=True, COMPUTE_DB=True)),
+        # relu's packed sign mask as the source of act'
+        (K._linear_act_backward_dx_kernel, dict(dy_ptr=dt, v_ptr="u8", w_ptr=dt, dx_ptr=dt),
+         dict(ACT=0, MODE=2, EVEN_N=True)),
+        (K._linear_act_backward_dw_kernel, dict(dy_ptr=dt, v_ptr="u8", x_ptr=dt, dw_ptr="fp32", db_ptr="fp32"),
+         dict(ACT=0, MODE=2, COMPUTE_DW=True, COMPUTE_DB=True)),
+    ):
+        name = jit_fn(kernel).__name__
+        configs = [c for c in kernel.configs if K._FAMILY[id(c)] == family]
+        if ce.get("MODE") == 2:  # what the autotuner's pruning leaves for the sign-mask mode
+            role = ROLE[name]
+            configs = [c for c in configs if (role, family, K.config_tile(role, c)) not in K.SIGN_MASK_SPILLS]
+        for cfg in (configs if every else configs[:1]):
+            rep = compile_report(kernel, ptrs, dict(ce, ACC_DTYPE=acc[dt], INPUT_PRECISION=prec), cfg, arch)
+            print(json.dumps(dict(rep, kernel=name, arch=arch, family=family, dtype=dt, config=cfg.kwargs,
+                                  warps=cfg.num_warps, stages=cfg.num_stages, mode=ce.get("MODE"))), flush=True)
+
+# the single-pass narrow backward: used on sm_90+ for 16-bit inputs only
+kernel = K._linear_act_backward_narrow_kernel
+for recompute, mask in ((False, False), (True, False), (False, True)):
+    for cfg in (kernel.configs if every else kernel.configs[:1]):
+        ptrs = dict(dy_ptr="bf16", v_ptr="u8" if mask else "bf16", x_ptr="bf16", w_ptr="bf16", b_ptr="bf16",
+                    dx_ptr="bf16", dw_ptr="fp32", db_ptr="fp32")
+        ce = dict(ACT=0 if mask else 1, RECOMPUTE=recompute, SIGN_MASK=mask, HAS_BIAS=True,
+                  COMPUTE_DX=True, COMPUTE_DW=True, COMPUTE_DB=True,
+                  ACC_DTYPE=tl.float32, INPUT_PRECISION="tf32", BLOCK_N=K.NARROW_MAX, BLOCK_K=K.NARROW_MAX)
+        rep = compile_report(kernel, ptrs, ce, cfg, 90)
+        print(json.dumps(dict(rep, kernel=jit_fn(kernel).__name__, arch=90, family="hopper", dtype="bf16",
+                              config=cfg.kwargs, warps=cfg.num_warps, stages=cfg.num_stages)), flush=True)
+"""
+
+
+@pytest.mark.skipif(not INTERPRET and torch.cuda.is_available(), reason="on a GPU the kernels run for real")
+def test_aot_compile_sm80_sm90_no_spills():
+    """Each kernel's first config per family (every config with FUSED_BACKPROP_AOT_ALL=1) compiles
+    for sm_80 and sm_90 with no register spills, within the shared memory of an A100 / H100, on
+    tensor cores for bf16 (mma.sync on sm_80, wgmma on sm_90); the single-pass narrow backward
+    likewise for sm_90 bf16, the only place it runs on a GPU."""
+    import json
+    import subprocess
+    import sys
+
+    import triton
+
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    if not os.path.exists(ptxas):
+        pytest.skip("this triton has no bundled ptxas")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    mode = "all" if os.environ.get("FUSED_BACKPROP_AOT_ALL") == "1" else "first"
+    proc = subprocess.run([sys.executable, "-c", AOT_SCRIPT, mode], capture_output=True, text=True, env=env,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reports = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(reports) >= 27
+    limit = {80: 163 * 1024, 90: 227 * 1024}
+    for r in reports:
+        assert r["spill"] == 0, r
+        assert r["shared"] <= limit[r["arch"]], r
+        assert r["tc"] == ("fma" if r["family"] == "fma" else "wgmma" if r["arch"] == 90 else "mma"), r

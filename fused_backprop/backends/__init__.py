@@ -23,7 +23,7 @@ from typing import Callable, Optional
 
 import torch
 
-__all__ = ["Backend", "register", "load_all", "get", "names", "available_backends", "resolve"]
+__all__ = ["Backend", "register", "register_ops", "load_all", "get", "names", "available_backends", "resolve"]
 
 
 @dataclass(frozen=True)
@@ -32,8 +32,10 @@ class Backend:
     forward: Callable
     backward: Callable
     supports: Callable[[torch.device], bool]
-    # Lower runs first when backend="auto" picks among the ones that support a device.
+    # Lower runs first when backend="auto" picks among the ones that support a device (None:
+    # never picked by auto); auto_devices limits that to some device types (None: all).
     auto_priority: Optional[int] = None
+    auto_devices: Optional[tuple[str, ...]] = None
     # True when backward builds an autograd graph (needed for double backward).
     differentiable: bool = False
     # True when backward takes relu's packed sign mask (``sign_mask.pack``) as ``out``; other
@@ -69,6 +71,22 @@ def register(backend: Backend) -> Backend:
     return backend
 
 
+def register_ops(name: str, fwd_op, bwd_op, **kwargs) -> Backend:
+    """Registers a backend whose forward and backward are registered ops with the schemas of
+    ``linear_act_fwd`` / ``linear_act_bwd`` (a masked-out gradient comes back as an empty tensor,
+    handed on as None)."""
+
+    def forward(x, weight, bias, activation):
+        return fwd_op(x, weight, bias, activation)
+
+    def backward(grad_out, x, weight, bias, out, activation, output_mask):
+        mask = [bool(output_mask[0]), bool(output_mask[1]), bool(output_mask[2]) and bias is not None]
+        grads = bwd_op(grad_out, x, weight, bias, out, activation, mask)
+        return tuple(g if wanted else None for g, wanted in zip(grads, mask))
+
+    return register(Backend(name, forward, backward, **kwargs))
+
+
 def names() -> list[str]:
     """Every backend name this package knows, built or not."""
     return list(_MODULES)
@@ -95,7 +113,8 @@ def resolve(name: str, device: torch.device) -> Backend:
     """The backend to run for ``name`` (a backend name or "auto") on ``device``."""
     if name == "auto":
         if device.type not in _AUTO:
-            found = [b for b in map(get, available_backends(device)) if b.auto_priority is not None]
+            found = [b for b in map(get, available_backends(device)) if b.auto_priority is not None
+                     and (b.auto_devices is None or device.type in b.auto_devices)]
             if not found:
                 raise RuntimeError(f"fused_backprop: no backend supports device {device}")
             _AUTO[device.type] = found[0]

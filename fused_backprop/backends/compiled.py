@@ -7,20 +7,15 @@ from __future__ import annotations
 import torch
 
 from .. import _ops
-from . import Backend, register
+from . import register_ops
 
+if _ops.BUILD_ERROR is not None:
+    raise ImportError(f"the compiled extension fused_backprop._C is not built: {_ops.BUILD_ERROR}")
 
-def forward(x, weight, bias, activation):
-    return torch.ops.fused_backprop.linear_act_fwd.default(x, weight, bias, activation)
+_FWD, _BWD = torch.ops.fused_backprop.linear_act_fwd.default, torch.ops.fused_backprop.linear_act_bwd.default
 
-
-def backward(grad_out, x, weight, bias, out, activation, output_mask):
-    mask = [bool(output_mask[0]), bool(output_mask[1]), bool(output_mask[2]) and bias is not None]
-    dx, dw, db = torch.ops.fused_backprop.linear_act_bwd.default(grad_out, x, weight, bias, out, activation, mask)
-    return (dx if mask[0] else None), (dw if mask[1] else None), (db if mask[2] else None)
-
-
-register(Backend("cpu", forward, backward, auto_priority=0, accepts_sign_mask=True,
-                 supports=lambda device: device.type == "cpu" and _ops.has_kernel("CPU")))
-register(Backend("cuda", forward, backward, auto_priority=2,
-                 supports=lambda device: device.type == "cuda" and _ops.has_kernel("CUDA")))
+# The CPU backward reads relu's packed sign mask directly; the CUDA kernels take the output.
+register_ops("cpu", _FWD, _BWD, auto_priority=0, accepts_sign_mask=True,
+             supports=lambda device: device.type == "cpu" and _ops.has_kernel("CPU"))
+register_ops("cuda", _FWD, _BWD, auto_priority=2,
+             supports=lambda device: device.type == "cuda" and _ops.has_kernel("CUDA"))

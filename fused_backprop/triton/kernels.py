@@ -1,0 +1,540 @@
+"""Triton kernels for ``act(x @ W.T + b)`` and its backward.
+
+Shapes: x ``(M, K)``, W ``(N, K)``, b ``(N,)``, y / dY / dZ ``(M, N)``.
+
+* ``_linear_act_forward_kernel``: tiled GEMM over output tiles ``(BLOCK_M, BLOCK_N)``; the bias add
+  and the activation run in the epilogue on the fp32 (fp64 for fp64 inputs) accumulator while it is
+  still in registers, and the tile is stored once.
+* ``_linear_act_backward_dz_kernel`` (``recompute=True`` only): the same GEMM recomputes the
+  pre-activation ``z = x W^T + b`` tile by tile and its epilogue forms ``dZ = dY * act'(z)``, stored
+  once; the two backward GEMMs then read dZ instead of (dY, y).
+* ``_linear_act_backward_dx_kernel``: ``dX = dZ W`` over output tiles ``(BLOCK_M, BLOCK_K)``,
+  reducing over N. Without recompute, dZ is formed inside the operand load from the dY and y tiles
+  (``dY * act'(y)``) and never written to memory.
+* ``_linear_act_backward_dw_kernel``: ``dW = dZ^T x`` over output tiles ``(BLOCK_N, BLOCK_K)``,
+  reducing over M; dZ is formed in the operand load the same way, and the same loop reduces
+  ``db = sum_m dZ`` from the dZ tiles already in registers (only the ``pid_k == 0`` column of
+  programs stores it). When M is long and N*K small, the M reduction is split over ``SPLIT``
+  program rows, each writing an fp32 partial to a workspace, and ``_sum_splits_kernel`` adds the
+  partials in a fixed order: no atomics anywhere, so every result is bitwise deterministic.
+* ``_linear_act_backward_narrow_kernel``: for narrow layers (N, K <= NARROW_MAX) the whole
+  backward in one pass over the rows: W and the dW/db partials stay on chip, dZ is formed once per
+  row block (from y, or from z recomputed with the x tile it loads anyway) and feeds both dX and
+  dW/db, so dY, y and x are each read once (the two-kernel path reads dY and y twice).
+
+All offsets that are multiplied by a stride are int64, every load and store is masked at the
+edges, and every stride is passed and used (non-contiguous inputs run without copies).
+
+The activation and its derivative are defined once, in ``_activation`` / ``_activation_grad``.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# Activation codes (constexpr ACT).
+RELU = 0
+SIGMOID = 1
+ACTIVATION_CODES = {"relu": RELU, "sigmoid": SIGMOID}
+
+# Whether triton.jit builds interpreted functions (TRITON_INTERPRET set before triton was imported):
+# decided once, here, when the kernels below are decorated.
+INTERPRET = bool(triton.knobs.runtime.interpret)
+
+
+# --------------------------------------------------------------------------------------------
+# Autotuning: configs for Ampere (sm_8x) and Hopper (sm_9x), keyed on (M, N, K); one small config
+# in the interpreter (which would otherwise run, and time, every config in Python).
+#
+# A tile is (a, b, red): the two output extents and the reduction step. Each kernel names them
+# after its own dimensions (ROLES): the forward GEMM's output is (M, N) reducing over K, dX's is
+# (M, K) reducing over N, dW's is (N, K) reducing over M. The backward kernels stream two (a, red)
+# tiles per step (dY and y), so their tiles keep the reduction step short.
+# --------------------------------------------------------------------------------------------
+
+ROLES = {
+    "fwd": ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
+    "dz": ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
+    "dx": ("BLOCK_M", "BLOCK_K", "BLOCK_N"),
+    "dw": ("BLOCK_N", "BLOCK_K", "BLOCK_M"),
+}
+# (a, b, red, num_warps, num_stages) per (role, family). "ampere": A100 (164 KiB shared memory per
+# SM, mma.sync); "hopper": H100 (228 KiB, wgmma on warpgroups of 4 warps, deeper pipelines); "fma":
+# fp32 with input_precision="ieee" and fp64, which run on the CUDA cores (no tensor-core path), on
+# either generation. Every listed config compiles for its target with no register spills and fits
+# its shared memory in bf16 (fp32 for "fma"); tests/test_triton.py::test_aot_compile_* checks this
+# with Triton's compiler and ptxas, no GPU needed. fp32 with TF32 (set_allow_tf32) uses the
+# "ampere"/"hopper" tiles with twice the operand bytes; the shared-memory prune drops those that
+# no longer fit.
+_FWD_AMPERE = [(256, 128, 64, 8, 3), (128, 128, 64, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4),
+               (64, 64, 64, 4, 3), (64, 64, 32, 2, 5), (128, 32, 32, 4, 4), (32, 64, 32, 2, 5)]
+_FWD_HOPPER = [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
+               (64, 64, 64, 4, 4), (128, 64, 128, 8, 3), (64, 64, 128, 4, 3), (64, 32, 64, 4, 4)]
+TILES = {
+    ("fwd", "ampere"): _FWD_AMPERE + [(128, 128, 32, 4, 4)],
+    ("fwd", "hopper"): _FWD_HOPPER + [(128, 128, 64, 4, 4)],
+    ("dz", "ampere"): _FWD_AMPERE[1:],
+    ("dz", "hopper"): _FWD_HOPPER[1:],
+    ("dx", "ampere"): [(128, 128, 32, 4, 4), (128, 128, 64, 8, 3), (128, 256, 32, 8, 3), (128, 64, 32, 8, 3),
+                       (64, 128, 32, 4, 4), (64, 64, 64, 4, 3), (64, 64, 32, 2, 5), (32, 64, 32, 2, 5)],
+    ("dw", "ampere"): [(128, 256, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 64, 4, 3),
+                       (64, 64, 32, 2, 5), (32, 64, 32, 2, 5)],
+}
+TILES[("dx", "hopper")] = TILES[("dw", "hopper")] = [
+    (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 32, 4, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
+    (64, 64, 64, 4, 4), (64, 64, 128, 4, 3), (64, 32, 64, 4, 4)]
+FMA_TILES = [(64, 64, 32, 4, 3), (64, 64, 16, 4, 4), (128, 64, 16, 8, 3), (64, 128, 16, 8, 3), (64, 32, 32, 4, 3),
+             (32, 64, 32, 4, 3), (32, 32, 32, 2, 3)]
+for _role in ROLES:
+    TILES[(_role, "fma")] = FMA_TILES
+INTERPRETER_TILE = (32, 32, 32, 1, 1)
+# Configs that spill on sm_80 when act' comes from relu's packed sign mask (MODE 2, the bit spread
+# needs a few more registers); pruned for that mode. Found by the ptxas report of
+# tests/test_triton.py::test_aot_compile_sm80_sm90_no_spills.
+SIGN_MASK_SPILLS = {("dx", "fma", (64, 64, 16, 4, 4)), ("dw", "fma", (64, 64, 32, 4, 3))}
+
+# Largest reduction step of a dW config: the dW split is a multiple of it, so every config tiles a split.
+MAX_BLOCK_M = 256
+
+_FAMILY: dict[int, str] = {}  # id(config) -> "ampere" | "hopper" | "fma"
+
+
+def _make_configs(role: str) -> list:
+    names = ROLES[role]
+    if INTERPRET:
+        a, b, red, w, st = INTERPRETER_TILE
+        return [triton.Config({names[0]: a, names[1]: b, names[2]: red, "GROUP": 4}, num_warps=w, num_stages=st)]
+    out = []
+    for family in ("ampere", "hopper", "fma"):
+        for a, b, red, w, st in TILES[(role, family)]:
+            c = triton.Config({names[0]: a, names[1]: b, names[2]: red, "GROUP": 8}, num_warps=w, num_stages=st)
+            _FAMILY[id(c)] = family
+            out.append(c)
+    return out
+
+
+def config_tile(role: str, c) -> tuple:
+    """(a, b, red, num_warps, num_stages) of a config of the kernel with this role."""
+    return (*(c.kwargs[n] for n in ROLES[role]), c.num_warps, c.num_stages)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def smem_estimate(role: str, a: int, b: int, red: int, stages: int, itemsize: int) -> int:
+    """Shared memory a pipelined config needs, at most: ``stages`` copies of one step's operand tiles
+    (Ampere pipelines keep stages - 1 of them)."""
+    per_step = (a * red + red * b) if role in ("fwd", "dz") else (2 * a * red + red * b)
+    return stages * per_step * itemsize
+
+
+def _prune(role: str):
+    """early_config_prune: the configs of this GPU generation ("fma" ones for fp32-ieee and fp64)
+    that fit its shared memory, whose output tiles do not overshoot the problem (a 256-wide tile on
+    a 64-wide dimension only adds masked work) and whose reduction step does not exceed the
+    reduction length."""
+    names = ROLES[role]
+    dims = {"fwd": ("M", "N", "K"), "dz": ("M", "N", "K"), "dx": ("M", "K", "N"), "dw": ("N", "K", None)}[role]
+
+    def prune(configs, named_args, **kwargs):
+        if INTERPRET or len(configs) == 1:
+            return configs
+        import torch
+
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        family = "hopper" if props.major >= 9 else "ampere"
+        smem = getattr(props, "shared_memory_per_block_optin", 0) or (227 if family == "hopper" else 163) * 1024
+        itemsize = next((a.element_size() for a in named_args.values() if hasattr(a, "element_size")), 2)
+        if kwargs.get("INPUT_PRECISION", "ieee") == "ieee" and itemsize >= 4:
+            family = "fma"
+        mine = [c for c in configs if _FAMILY.get(id(c)) == family] or list(configs)
+        if kwargs.get("MODE") == 2:
+            mine = [c for c in mine if (role, family, config_tile(role, c)) not in SIGN_MASK_SPILLS] or mine
+        size = lambda c: smem_estimate(role, *(c.kwargs[n] for n in names), c.num_stages, itemsize)  # noqa: E731
+        fits = [c for c in mine if size(c) <= smem] or [min(mine, key=size)]
+        caps = [None if d is None else max(16, _next_pow2(named_args[d])) for d in dims]
+        fit = [c for c in fits if all(cap is None or c.kwargs[n] <= cap for n, cap in zip(names, caps))]
+        if fit:
+            return fit
+        return [min(fits, key=lambda c: c.kwargs[names[0]] * c.kwargs[names[1]] * c.kwargs[names[2]])]
+
+    return prune
+
+
+def _autotune(role: str):
+    return triton.autotune(configs=_make_configs(role), key=["M", "N", "K"],
+                           prune_configs_by={"early_config_prune": _prune(role)})
+
+
+# --------------------------------------------------------------------------------------------
+# The activation and its derivative: the one definition every kernel uses.
+# --------------------------------------------------------------------------------------------
+
+@triton.jit
+def _activation(z, ACT: tl.constexpr):
+    """relu(z) (NaN propagates, as torch.relu) or sigmoid(z) = 1 / (1 + e^-z), which is exact at
+    both ends (e^-z overflows to inf for z << 0 giving 0, underflows to 0 for z >> 0 giving 1)."""
+    if ACT == 0:
+        return tl.maximum(z, 0.0, propagate_nan=tl.PropagateNan.ALL)
+    else:
+        return 1.0 / (1.0 + tl.exp(-z))
+
+
+@triton.jit
+def _activation_grad(v, FROM_OUTPUT: tl.constexpr, ACT: tl.constexpr):
+    """act'(z) from the layer output y (FROM_OUTPUT) or from the pre-activation z.
+    relu: 0 where v <= 0, else 1, so relu'(0) = 0 and a NaN lets the gradient through as torch's
+    threshold_backward does (y <= 0 exactly where z <= 0); sigmoid: y (1 - y)."""
+    if ACT == 0:
+        return tl.where(v <= 0, 0.0, 1.0).to(v.dtype)
+    else:
+        if FROM_OUTPUT:
+            s = v
+        else:
+            s = _activation(v, ACT)
+        return s * (1.0 - s)
+
+
+@triton.jit
+def _grad_preact(dy, v, MODE: tl.constexpr, ACT: tl.constexpr):
+    """dZ from the loaded tiles (already in the accumulation dtype). MODE 0: v is unused, dy is dZ
+    (recompute path, formed earlier by the dz kernel); MODE 1: v is the layer output y; MODE 2: v
+    is relu's sign bit (0/1, from ``_load_v``), which relu' maps to itself."""
+    if MODE == 0:
+        return dy
+    else:
+        return dy * _activation_grad(v, True, ACT)
+
+
+@triton.jit
+def _load_v(v_ptr, offs_m, mask_m, n0, offs_n, stride_vm, stride_vn, N, mask, MODE: tl.constexpr,
+            ACC_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The [BLOCK_M, BLOCK_N] tile at rows offs_m, columns n0 + [0, BLOCK_N) that act' is taken
+    from: the layer output y (MODE 1), or (MODE 2) relu's packed 1-bit sign mask of the contiguous
+    (M, N) output (``fused_backprop.sign_mask``: bit e % 8 of byte e // 8 is element e = m * N + n),
+    read directly instead of an unpacked copy. MODE 2 needs N % 8 == 0 (every row starts on a byte,
+    checked by the launcher): the tile is then a contiguous [BLOCK_M, BLOCK_N / 8] byte load whose
+    bits are spread by a broadcast shift (no per-element gather)."""
+    if MODE == 2:
+        cols = n0 // 8 + tl.arange(0, BLOCK_N // 8)
+        byte = tl.load(v_ptr + ((offs_m * N) >> 3)[:, None] + cols[None, :],
+                       mask=mask_m[:, None] & (cols < N // 8)[None, :], other=0)
+        bits = (byte[:, :, None] >> tl.arange(0, 8).to(tl.uint8)[None, None, :]) & 1
+        return tl.reshape(bits, (BLOCK_M, BLOCK_N)).to(ACC_DTYPE)
+    else:
+        return tl.load(v_ptr + offs_m[:, None] * stride_vm + offs_n[None, :] * stride_vn,
+                       mask=mask, other=0.0).to(ACC_DTYPE)
+
+
+# --------------------------------------------------------------------------------------------
+# Shared tile helpers.
+# --------------------------------------------------------------------------------------------
+
+@triton.jit
+def _grouped_tile(pid, size_a, size_b, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, GROUP: tl.constexpr):
+    """(pid_a, pid_b) of a 1-D launch over a (cdiv(size_a, BLOCK_A), cdiv(size_b, BLOCK_B)) tile
+    grid, walked in groups of GROUP rows of tiles so neighbouring programs share operand tiles
+    in L2 (the Triton matmul tutorial's swizzle)."""
+    num_a = tl.cdiv(size_a, BLOCK_A)
+    num_b = tl.cdiv(size_b, BLOCK_B)
+    per_group = GROUP * num_b
+    group_id = pid // per_group
+    first_a = group_id * GROUP
+    group_size = tl.minimum(num_a - first_a, GROUP)
+    pid_a = first_a + ((pid % per_group) % group_size)
+    pid_b = (pid % per_group) // group_size
+    return pid_a, pid_b
+
+
+@triton.jit
+def _xwT_tile(x_ptr, w_ptr, offs_m, offs_n, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk,
+              ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc[BLOCK_M, BLOCK_N] = x[offs_m, :] @ W[offs_n, :]^T, accumulated in ACC_DTYPE."""
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    x_rows = x_ptr + offs_m[:, None] * stride_xm          # int64 offsets (offs_* are int64)
+    w_cols = w_ptr + offs_n[None, :] * stride_wn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        if EVEN_K:
+            a = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=mask_m[:, None], other=0.0)
+            b = tl.load(w_cols + offs_k[:, None] * stride_wk, mask=mask_n[None, :], other=0.0)
+        else:
+            mask_k = offs_k < K
+            a = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            b = tl.load(w_cols + offs_k[:, None] * stride_wk, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+    return acc
+
+
+_EVEN_K = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
+
+
+# --------------------------------------------------------------------------------------------
+# Forward.
+# --------------------------------------------------------------------------------------------
+
+@_autotune("fwd")
+@_EVEN_K
+@triton.jit
+def _linear_act_forward_kernel(
+    x_ptr, w_ptr, b_ptr, out_ptr,
+    M, N, K,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_b, stride_om, stride_on,
+    ACT: tl.constexpr, HAS_BIAS: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP: tl.constexpr,
+):
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = _xwT_tile(x_ptr, w_ptr, offs_m, offs_n, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk,
+                    ACC_DTYPE, INPUT_PRECISION, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K)
+    mask_n = offs_n < N
+    # Epilogue, on the accumulator in registers: + bias, activation, one store.
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + offs_n * stride_b, mask=mask_n, other=0.0).to(ACC_DTYPE)
+        acc = acc + bias[None, :]
+    y = _activation(acc, ACT)
+    mask = (offs_m < M)[:, None] & mask_n[None, :]
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
+             y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------------------------
+# Backward.
+# --------------------------------------------------------------------------------------------
+
+@_autotune("dz")
+@_EVEN_K
+@triton.jit
+def _linear_act_backward_dz_kernel(
+    x_ptr, w_ptr, b_ptr, dy_ptr, dz_ptr,
+    M, N, K,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_b, stride_dym, stride_dyn, stride_dzm, stride_dzn,
+    ACT: tl.constexpr, HAS_BIAS: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP: tl.constexpr,
+):
+    """recompute=True: z = x W^T + b recomputed tile by tile; the epilogue forms dZ = dY * act'(z)."""
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    z = _xwT_tile(x_ptr, w_ptr, offs_m, offs_n, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk,
+                  ACC_DTYPE, INPUT_PRECISION, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K)
+    mask_n = offs_n < N
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + offs_n * stride_b, mask=mask_n, other=0.0).to(ACC_DTYPE)
+        z = z + bias[None, :]
+    mask = (offs_m < M)[:, None] & mask_n[None, :]
+    dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn, mask=mask, other=0.0)
+    dz = dy.to(ACC_DTYPE) * _activation_grad(z, False, ACT)
+    tl.store(dz_ptr + offs_m[:, None] * stride_dzm + offs_n[None, :] * stride_dzn,
+             dz.to(dz_ptr.dtype.element_ty), mask=mask)
+
+
+@_autotune("dx")
+@triton.heuristics({"EVEN_N": lambda a: a["N"] % a["BLOCK_N"] == 0})
+@triton.jit
+def _linear_act_backward_dx_kernel(
+    dy_ptr, v_ptr, w_ptr, dx_ptr,
+    M, N, K,
+    stride_dym, stride_dyn, stride_vm, stride_vn, stride_wn, stride_wk, stride_dxm, stride_dxk,
+    ACT: tl.constexpr, MODE: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP: tl.constexpr,
+):
+    """dX[BLOCK_M, BLOCK_K] = sum_n dZ[:, n] W[n, :], dZ = dY * act'(y) formed in the operand load
+    from y (MODE 1) or relu's packed sign mask (MODE 2), or read as is (MODE 0: dy_ptr holds dZ)."""
+    pid_m, pid_k = _grouped_tile(tl.program_id(0), M, K, BLOCK_M, BLOCK_K, GROUP)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = pid_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_k = offs_k < K
+    dy_rows = dy_ptr + offs_m[:, None] * stride_dym
+    w_cols = w_ptr + offs_k[None, :] * stride_wk
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC_DTYPE)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        if EVEN_N:
+            mask_mn = mask_m[:, None]
+            mask_nk = mask_k[None, :]
+        else:
+            mask_n = offs_n < N
+            mask_mn = mask_m[:, None] & mask_n[None, :]
+            mask_nk = mask_n[:, None] & mask_k[None, :]
+        dy = tl.load(dy_rows + offs_n[None, :] * stride_dyn, mask=mask_mn, other=0.0).to(ACC_DTYPE)
+        if MODE == 0:
+            v = dy
+        else:
+            v = _load_v(v_ptr, offs_m, mask_m, n0, offs_n, stride_vm, stride_vn, N, mask_mn, MODE, ACC_DTYPE,
+                        BLOCK_M, BLOCK_N)
+        w = tl.load(w_cols + offs_n[:, None] * stride_wn, mask=mask_nk, other=0.0)
+        dz = _grad_preact(dy, v, MODE, ACT).to(w.dtype)
+        acc = tl.dot(dz, w, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+    tl.store(dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk,
+             acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_k[None, :])
+
+
+@_autotune("dw")
+@triton.jit
+def _linear_act_backward_dw_kernel(
+    dy_ptr, v_ptr, x_ptr, dw_ptr, db_ptr,
+    M, N, K, rows_per_split,
+    stride_dym, stride_dyn, stride_vm, stride_vn, stride_xm, stride_xk,
+    stride_dws, stride_dwn, stride_dwk, stride_dbs, stride_db,
+    ACT: tl.constexpr, MODE: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+):
+    """dW[BLOCK_N, BLOCK_K] = sum_m dZ[m, :]^T x[m, :] and db[BLOCK_N] = sum_m dZ[m, :] over the
+    rows [s * rows_per_split, (s + 1) * rows_per_split) of split s = program_id(1), dZ formed in the
+    operand load (MODE 1: from y, MODE 2: from relu's packed sign mask) or read as is (MODE 0).
+    Split s stores to dw_ptr + s * stride_dws (a partial when there is more than one split, the
+    result otherwise); db is stored by pid_k == 0."""
+    if COMPUTE_DW:
+        pid_n, pid_k = _grouped_tile(tl.program_id(0), N, K, BLOCK_N, BLOCK_K, GROUP)
+    else:
+        pid_n = tl.program_id(0)
+        pid_k = pid_n * 0
+    pid_s = tl.program_id(1)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = pid_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_n = offs_n < N
+    mask_k = offs_k < K
+    m_start = pid_s.to(tl.int64) * rows_per_split
+    m_end = tl.minimum(m_start + rows_per_split, M)
+    dy_cols = dy_ptr + offs_n[None, :] * stride_dyn
+    x_cols = x_ptr + offs_k[None, :] * stride_xk
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=ACC_DTYPE)
+    db_acc = tl.zeros((BLOCK_N,), dtype=ACC_DTYPE)
+    for m0 in range(m_start, m_end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
+        mask_m = offs_m < m_end
+        mask_mn = mask_m[:, None] & mask_n[None, :]
+        dy = tl.load(dy_cols + offs_m[:, None] * stride_dym, mask=mask_mn, other=0.0).to(ACC_DTYPE)
+        if MODE == 0:
+            v = dy
+        else:
+            v = _load_v(v_ptr, offs_m, mask_m, pid_n * BLOCK_N, offs_n, stride_vm, stride_vn, N, mask_mn, MODE,
+                        ACC_DTYPE, BLOCK_M, BLOCK_N)
+        dz = _grad_preact(dy, v, MODE, ACT)                      # [BLOCK_M, BLOCK_N]
+        if COMPUTE_DB:
+            db_acc += tl.sum(dz, axis=0)
+        if COMPUTE_DW:
+            x = tl.load(x_cols + offs_m[:, None] * stride_xm, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            acc = tl.dot(tl.trans(dz.to(x.dtype)), x, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+    if COMPUTE_DW:
+        tl.store(dw_ptr + pid_s.to(tl.int64) * stride_dws + offs_n[:, None] * stride_dwn + offs_k[None, :] * stride_dwk,
+                 acc.to(dw_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_k[None, :])
+    if COMPUTE_DB:
+        tl.store(db_ptr + pid_s.to(tl.int64) * stride_dbs + offs_n * stride_db, db_acc.to(db_ptr.dtype.element_ty),
+                 mask=mask_n & (pid_k == 0))
+
+
+# Narrow layers (N and K at most NARROW_MAX): one backward kernel, one pass over the rows. On a GPU
+# only for 16-bit inputs on Hopper (sm_90+), where these configs compile with wgmma and no spills;
+# with mma.sync (sm_8x) and with the FMA path of fp32-ieee the five live tiles (dY, y or z, x, W, and
+# the dX / dW accumulators) spill, so those take the two-kernel path.
+NARROW_MAX = 64
+# (BLOCK_M, num_warps, num_stages); the full (padded) N and K are the other two tile extents.
+NARROW_TILES = [(64, 4, 3), (128, 8, 3)]
+NARROW_MAX_BLOCK_M = 128
+
+
+def _make_narrow_configs() -> list:
+    if INTERPRET:
+        return [triton.Config({"BLOCK_M": INTERPRETER_TILE[0]}, num_warps=1, num_stages=1)]
+    return [triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=st) for bm, w, st in NARROW_TILES]
+
+
+@triton.autotune(configs=_make_narrow_configs(), key=["M", "N", "K"])
+@triton.jit
+def _linear_act_backward_narrow_kernel(
+    dy_ptr, v_ptr, x_ptr, w_ptr, b_ptr, dx_ptr, dw_ptr, db_ptr,
+    M, N, K, rows_per_split,
+    stride_dym, stride_dyn, stride_vm, stride_vn, stride_xm, stride_xk, stride_wn, stride_wk, stride_b,
+    stride_dxm, stride_dxk, stride_dws, stride_dwn, stride_dwk, stride_dbs, stride_db,
+    ACT: tl.constexpr, RECOMPUTE: tl.constexpr, SIGN_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+    COMPUTE_DX: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """The whole backward of a narrow layer (BLOCK_N >= N, BLOCK_K >= K: W and the dW partial stay
+    on chip) in one pass over the rows [s * rows_per_split, (s + 1) * rows_per_split) of split
+    s = program_id(0): per row block, dZ is formed once, from (dY, y) or (dY, relu's packed sign mask:
+    SIGN_MASK), or from dY and z = x W^T + b
+    recomputed with the x tile already loaded for dW (RECOMPUTE); then dX = dZ W is stored, and dZ^T x
+    and the column sums of dZ accumulate into this split's dW and db (partials when there is more
+    than one split, reduced by _sum_splits_kernel). Reads dY, y (not with RECOMPUTE), x, W once;
+    writes dX once: the bare-GEMM traffic floor."""
+    pid_s = tl.program_id(0)
+    offs_n = tl.arange(0, BLOCK_N).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
+    mask_n = offs_n < N
+    mask_k = offs_k < K
+    mask_nk = mask_n[:, None] & mask_k[None, :]
+    w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk
+    if RECOMPUTE and HAS_BIAS:
+        bias = tl.load(b_ptr + offs_n * stride_b, mask=mask_n, other=0.0).to(ACC_DTYPE)
+    m_start = pid_s.to(tl.int64) * rows_per_split
+    m_end = tl.minimum(m_start + rows_per_split, M)
+    dw_acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=ACC_DTYPE)
+    db_acc = tl.zeros((BLOCK_N,), dtype=ACC_DTYPE)
+    for m0 in range(m_start, m_end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
+        mask_m = offs_m < m_end
+        mask_mn = mask_m[:, None] & mask_n[None, :]
+        mask_mk = mask_m[:, None] & mask_k[None, :]
+        dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
+                     mask=mask_mn, other=0.0).to(ACC_DTYPE)
+        # W is re-read per row block (from L2: it is tiny) so that it is pipelined through shared
+        # memory with the other operands instead of pinning registers for the whole loop.
+        w = tl.load(w_ptrs, mask=mask_nk, other=0.0)
+        if RECOMPUTE or COMPUTE_DW:
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=mask_mk, other=0.0)
+        if RECOMPUTE:
+            z = tl.dot(x, tl.trans(w), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+            if HAS_BIAS:
+                z = z + bias[None, :]
+            dz = dy * _activation_grad(z, False, ACT)
+        else:
+            if SIGN_MASK:
+                v = _load_v(v_ptr, offs_m, mask_m, 0, offs_n, stride_vm, stride_vn, N, mask_mn, 2, ACC_DTYPE,
+                            BLOCK_M, BLOCK_N)
+            else:
+                v = _load_v(v_ptr, offs_m, mask_m, 0, offs_n, stride_vm, stride_vn, N, mask_mn, 1, ACC_DTYPE,
+                            BLOCK_M, BLOCK_N)
+            dz = dy * _activation_grad(v, True, ACT)
+        if COMPUTE_DB:
+            db_acc += tl.sum(dz, axis=0)
+        dz_op = dz.to(w.dtype)
+        if COMPUTE_DX:
+            dx = tl.dot(dz_op, w, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+            tl.store(dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk,
+                     dx.to(dx_ptr.dtype.element_ty), mask=mask_mk)
+        if COMPUTE_DW:
+            dw_acc = tl.dot(tl.trans(dz_op), x, dw_acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+    if COMPUTE_DW:
+        tl.store(dw_ptr + pid_s.to(tl.int64) * stride_dws + offs_n[:, None] * stride_dwn + offs_k[None, :] * stride_dwk,
+                 dw_acc.to(dw_ptr.dtype.element_ty), mask=mask_nk)
+    if COMPUTE_DB:
+        tl.store(db_ptr + pid_s.to(tl.int64) * stride_dbs + offs_n * stride_db, db_acc.to(db_ptr.dtype.element_ty),
+                 mask=mask_n)
+
+
+@triton.jit
+def _sum_splits_kernel(ws_ptr, out_ptr, L, SPLIT, stride_s, BLOCK: tl.constexpr):
+    """out[i] = sum_s ws[s, i] for a contiguous (SPLIT, L) fp32 workspace, s in a fixed order."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < L
+    acc = tl.zeros((BLOCK,), dtype=ws_ptr.dtype.element_ty)
+    ptrs = ws_ptr + offs
+    for _ in range(0, SPLIT):
+        acc += tl.load(ptrs, mask=mask, other=0.0)
+        ptrs += stride_s                                          # 64-bit pointer arithmetic
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
