@@ -5,6 +5,7 @@ import torch
 from helpers import ACTIVATIONS, TOL, assert_close, sample_inputs
 
 import fused_backprop as fb  # noqa: F401  (registers the ops)
+from fused_backprop import sign_mask
 from fused_backprop.backends import torch_backend
 
 ops = torch.ops.fused_backprop
@@ -96,3 +97,18 @@ def test_backward_is_deterministic():
     for other in runs[1:]:
         for a, e in zip(runs[0], other):
             assert torch.equal(a, e)
+
+
+@pytest.mark.parametrize("activation,saved", [("relu", "out"), ("relu", "recompute"), ("relu", "mask"),
+                                              ("sigmoid", "out"), ("sigmoid", "recompute")])
+def test_large_weight_chunked_backward(activation, saved):
+    """A weight larger than L2 takes the chunked backward (row chunks, multithreaded GEMMs):
+    here 3 chunks, the last one partial."""
+    x, w, b = sample_inputs(2100, 400, 410)  # float64: W is 1.3 MB
+    out = ops.linear_act_fwd(x, w, b, activation)
+    given = {"out": out, "recompute": None, "mask": sign_mask.pack(out)}[saved]
+    g = torch.randn(2100, 410, dtype=x.dtype)
+    got = ops.linear_act_bwd(g, x, w, b, given, activation, [True, True, True])
+    want = torch_backend.backward(g, x, w, b, out, activation, (True, True, True))
+    for a, e in zip(got, want):
+        assert_close(a, e)
