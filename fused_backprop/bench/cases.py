@@ -134,20 +134,20 @@ def layer_fn(provider: Provider, activation: str, compiled: Optional[Callable]) 
 
 
 def floor_stmt(mode: str, x, w, b, g) -> Callable[[], object]:
-    z, dx, dw = torch.empty_like(g), torch.empty_like(x), torch.empty_like(w)
+    """The bare GEMMs of the layer, each allocating its result as any layer must (a preallocated
+    output would leave out the page faults of a fresh tensor: 10-14 ms of a 58 ms forward at
+    8192x1024x1024 on the CPU)."""
     if mode == "forward":
-        return lambda: torch.addmm(b, x, w.t(), out=z)
+        return lambda: torch.addmm(b, x, w.t())
 
     def backward_gemms():
-        torch.mm(g, w, out=dx)
-        torch.mm(g.t(), x, out=dw)
+        return torch.mm(g, w), torch.mm(g.t(), x)
 
     if mode == "backward":
         return backward_gemms
 
     def three_gemms():
-        torch.mm(x, w.t(), out=z)
-        backward_gemms()
+        return torch.mm(x, w.t()), backward_gemms()
 
     return three_gemms
 
