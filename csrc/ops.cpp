@@ -95,6 +95,8 @@ TORCH_LIBRARY(fused_backprop, m) {
   m.def(
       "linear_act_bwd(Tensor grad_out, Tensor x, Tensor weight, Tensor? bias, Tensor? out, str activation, "
       "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  // relu's packed 1-bit sign mask of y (see check_backward_args): uint8, ceil(numel / 8) bytes.
+  m.def("sign_mask_pack(Tensor y) -> Tensor");
 }
 
 // The .so is imported as a Python module so that the schemas and kernels above get registered;

@@ -39,6 +39,10 @@ if BUILD_ERROR is None:
                 weight.new_empty(weight.shape) if output_mask[1] else x.new_empty((0,)),
                 weight.new_empty((n,)) if output_mask[2] and bias is not None else x.new_empty((0,)))
 
+    @torch.library.register_fake("fused_backprop::sign_mask_pack")
+    def _sign_mask_pack_fake(y):
+        return y.new_empty(((y.numel() + 7) // 8,), dtype=torch.uint8)
+
     from .autograd import register_backward_op_autograd, register_op_autograd
 
     register_op_autograd("fused_backprop::linear_act_fwd", backend_name=None)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from . import _ops
+
 _BITS = 8
 
 
@@ -17,6 +19,13 @@ def _weights(device):
 
 def pack(out: torch.Tensor) -> torch.Tensor:
     """uint8 tensor of ceil(out.numel() / 8) bytes; bit i of byte j is element 8j + i."""
+    if out.device.type == "cpu" and _ops.has_kernel("CPU"):
+        return torch.ops.fused_backprop.sign_mask_pack.default(out)  # one pass in C++
+    return pack_composite(out)
+
+
+def pack_composite(out: torch.Tensor) -> torch.Tensor:
+    """``pack`` from torch ops, on any device."""
     bits = (out <= 0).logical_not_().flatten()
     pad = -bits.numel() % _BITS
     if pad:

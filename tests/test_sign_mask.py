@@ -14,6 +14,8 @@ def test_pack_unpack_roundtrip(shape):
         y.view(-1)[0] = float("nan")
     packed = sign_mask.pack(y)
     assert packed.dtype == torch.uint8 and packed.numel() == -(-y.numel() // 8)
+    assert torch.equal(packed, sign_mask.pack_composite(y))  # the C++ pass and the torch ops agree
+    torch.library.opcheck(torch.ops.fused_backprop.sign_mask_pack, (y,))
     want = (y <= 0).logical_not().double()
     assert torch.equal(sign_mask.unpack(packed, y.shape, torch.float64), want)
 

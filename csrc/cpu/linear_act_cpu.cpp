@@ -259,10 +259,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_bwd(const at::Tensor& 
   return {dx, dw, db};
 }
 
+// One pass over y: bit i of byte j is set where element 8j + i is not <= 0 (NaN included).
+at::Tensor sign_mask_pack(const at::Tensor& y_in) {
+  TORCH_CHECK_TYPE(y_in.is_floating_point(), "fused_backprop: sign_mask_pack: y must be floating point, got ",
+                   y_in.scalar_type());
+  const at::Tensor y = y_in.contiguous();
+  const int64_t numel = y.numel(), bytes = (numel + 7) / 8;
+  at::Tensor packed = at::empty({bytes}, y.options().dtype(at::kByte));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "sign_mask_pack", [&] {
+    const scalar_t* src = y.const_data_ptr<scalar_t>();
+    uint8_t* dst = packed.mutable_data_ptr<uint8_t>();
+    at::parallel_for(0, bytes, 4096, [&](int64_t j0, int64_t j1) {
+      for (int64_t j = j0; j < j1; ++j) {
+        uint8_t byte = 0;
+        for (int64_t i = 0; i < 8 && j * 8 + i < numel; ++i) {
+          byte |= uint8_t(!(src[j * 8 + i] <= scalar_t(0))) << i;
+        }
+        dst[j] = byte;
+      }
+    });
+  });
+  return packed;
+}
+
 }  // namespace
 }  // namespace fused_backprop::cpu
 
 TORCH_LIBRARY_IMPL(fused_backprop, CPU, m) {
   m.impl("linear_act_fwd", &fused_backprop::cpu::linear_act_fwd);
   m.impl("linear_act_bwd", &fused_backprop::cpu::linear_act_bwd);
+  m.impl("sign_mask_pack", &fused_backprop::cpu::sign_mask_pack);
 }
