@@ -45,6 +45,12 @@ int64_t panel_grain(int64_t rows, int64_t k, int64_t n) {
   return std::max<int64_t>(1, kMinTaskMacs / std::max<int64_t>(1, rows * std::max<int64_t>(k, 1) * n));
 }
 
+// Row chunks with multithreaded GEMMs (instead of per-thread panels) when W outgrows L2, where
+// panels would stream W once each, and when there are too few rows for panels to beat one
+// multithreaded GEMM (measured at M <= 512, 256 <= K, N <= 1024: per-thread panels 1.01-1.15x
+// eager's time).
+bool use_chunks(int64_t m, int64_t weight_bytes) { return weight_bytes > kL2Bytes || m <= kChunkRows; }
+
 // Rows per panel. While W fits in L2, panels of kPanelBytes (at least 256 rows) keep each panel's
 // rows in cache between the GEMM and the elementwise work. A W larger than L2 is streamed again
 // for every panel, so then panels take large_w_rows rows (the GEMMs dominate anyway). Measured
@@ -67,7 +73,7 @@ void bias_act_rows(T* out, const T* b, int64_t rows, int64_t n) {
 
 template <typename T, Activation A>
 void forward_kernel(const T* x, const T* w, const T* b, T* out, int64_t m, int64_t k, int64_t n) {
-  if (kVectorized<T> && n * k * int64_t(sizeof(T)) > kL2Bytes) {
+  if (kVectorized<T> && use_chunks(m, n * k * int64_t(sizeof(T)))) {
     // W outgrows L2: one multithreaded GEMM per chunk of rows beats per-thread panel GEMMs
     // (measured at (8192, 1024, 1024): 1.19x addmm with one panel per thread), then the
     // epilogue runs on all threads while the chunk is still in the last-level cache.
@@ -175,7 +181,7 @@ template <typename T, Activation A>
 void backward_kernel(const T* g, const T* x, const T* w, const T* b, const T* y, const uint8_t* sign_mask,
                      int64_t m, int64_t k, int64_t n, T* dx, T* dw, T* db) {
   using acc_t = at::opmath_type<T>;
-  if (kVectorized<T> && n * k * int64_t(sizeof(T)) > kL2Bytes) {
+  if (kVectorized<T> && use_chunks(m, n * k * int64_t(sizeof(T)))) {
     return backward_chunked<T, A>(g, x, w, b, y, sign_mask, m, k, n, dx, dw, db);
   }
   const int64_t rows = panel_rows(m, (2 * n + k) * int64_t(sizeof(T)), n * k * int64_t(sizeof(T)), m);
