@@ -8,7 +8,7 @@ Model (a roofline with the kernel's structure folded into an achievable rate):
 * bytes_L2: the operand tiles every block streams through shared memory, (BM+BN)*BK per k step;
 * occupancy (blocks per SM) from registers, static shared memory and threads of the report;
   wave_efficiency = blocks / (waves * 132 * saturating blocks per SM);
-* P_kernel: the achievable arithmetic rate of each kernel design (argued in cuda_predictions.md).
+* P_kernel: the achievable arithmetic rate of each kernel design (argued in RESULTS.md, "CUDA backend").
 
     python benchmarks/cuda_predict.py [--out benchmarks/cuda_predictions_table.md]
 """
@@ -34,7 +34,7 @@ ACC = {"f32": 4, "f64": 8, "f16": 4, "bf16": 4}
 # tile shapes: (BM, BN, BK, threads); f32 outputs with <= 64 rows or columns use the narrow tile
 TILE = {"f32": (128, 128, 8, 256), "f32n": (64, 64, 16, 256), "f64": (64, 64, 8, 256), "f16": (64, 64, 32, 128),
         "bf16": (64, 64, 32, 128)}
-# achievable fraction of PEAK for each GEMM design (see cuda_predictions.md)
+# achievable fraction of PEAK for each GEMM design (see RESULTS.md, "CUDA backend")
 EFF = {"f32": 0.65, "f32n": 0.55, "f64": 0.55, "f16": 0.15, "bf16": 0.15}
 # cuBLAS (eager baseline) on H100: SGEMM on the FMA pipes (torch's default: no TF32), DGEMM on the
 # FP64 tensor cores (67 TFLOP/s peak), HGEMM with wgmma
