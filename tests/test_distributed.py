@@ -1,7 +1,5 @@
 """FusedMLP under DistributedDataParallel (2 CPU processes, gloo) gives the gradients of one
-process on the whole batch; the same for FSDP2 (fully_shard) when it runs on the CPU."""
-
-import os
+process on the whole batch; the same for FSDP2 (fully_shard), which runs on the CPU with gloo."""
 
 import pytest
 import torch
@@ -63,17 +61,10 @@ def run_distributed(tmp_path, recompute, wrapper):
     return torch.load(out)
 
 
+@pytest.mark.parametrize("wrapper", ["ddp", "fsdp"])
 @pytest.mark.parametrize("recompute", ["none", "block"])
-def test_ddp_matches_single_process(tmp_path, recompute):
-    got, want = run_distributed(tmp_path, recompute, "ddp"), full_batch_grads(recompute)
-    assert got.keys() == want.keys()
-    for name in want:
-        torch.testing.assert_close(got[name], want[name], rtol=1e-10, atol=1e-12)
-
-
-@pytest.mark.parametrize("recompute", ["none", "block"])
-def test_fsdp2_matches_single_process(tmp_path, recompute):
-    got, want = run_distributed(tmp_path, recompute, "fsdp"), full_batch_grads(recompute)
+def test_matches_single_process(tmp_path, wrapper, recompute):
+    got, want = run_distributed(tmp_path, recompute, wrapper), full_batch_grads(recompute)
     assert got.keys() == want.keys()
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-10, atol=1e-12)
