@@ -117,6 +117,8 @@ class FusedMLP(nn.Module):
         check_linear_args(x, params[0], params[1] if first.bias is not None else None)
         impl = backends.resolve(self.backend, x.device)
         specs = tuple(LayerSpec(getattr(lay, "activation", None), lay.bias is not None) for lay in self.layers)
+        if x.dim() == 2:
+            return BlockFunction.apply(x, specs, impl, *params)
         flat = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
         out = BlockFunction.apply(flat, specs, impl, *params)
         return out.reshape(*x.shape[:-1], out.shape[-1])

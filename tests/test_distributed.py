@@ -1,6 +1,10 @@
 """FusedMLP under DistributedDataParallel (2 CPU processes, gloo) gives the gradients of one
 process on the whole batch; the same for FSDP2 (fully_shard), which runs on the CPU with gloo."""
 
+import os
+import socket
+import sys
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -28,8 +32,8 @@ def full_batch_grads(recompute):
     return {n: p.grad for n, p in model.named_parameters()}
 
 
-def _worker(rank, store_path, recompute, wrapper, out_path):
-    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=WORLD)
+def _worker(rank, port, recompute, wrapper, out_path):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
         model = make_model(recompute)
         if wrapper == "ddp":
@@ -51,13 +55,22 @@ def _worker(rank, store_path, recompute, wrapper, out_path):
             grads[name.removeprefix("module.")] = g.detach().clone()
         if rank == 0:
             torch.save(grads, out_path)
+        dist.barrier()  # no rank tears gloo down while the other still talks to it
     finally:
         dist.destroy_process_group()
+    # The work is done and checked by the parent. Leave without the interpreter's teardown: there,
+    # about one worker start in ten here aborted with "terminate called without an active
+    # exception" (SIGABRT) after destroy_process_group had returned.
+    sys.stdout.flush()
+    os._exit(0)
 
 
 def run_distributed(tmp_path, recompute, wrapper):
     out = tmp_path / "grads.pt"
-    mp.spawn(_worker, args=(str(tmp_path / "store"), recompute, wrapper, str(out)), nprocs=WORLD, join=True)
+    with socket.socket() as s:  # a free port on loopback for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_worker, args=(port, recompute, wrapper, str(out)), nprocs=WORLD, join=True)
     return torch.load(out)
 
 
