@@ -40,7 +40,7 @@ class LinearActFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, activation: str, recompute: bool, backend: Backend):
         out = backend.forward(x, weight, bias, activation)
-        ctx.activation, ctx.backend, ctx.recompute = activation, backend, recompute
+        ctx.activation, ctx.backend = activation, backend
         if not recompute:
             ctx.save_for_backward(x, weight, bias, out)
         elif activation == "relu":
