@@ -8,9 +8,9 @@
 //             dx_p  = dz_p · W                            GEMM on the cached panel
 //             dW   += dz_pᵀ · x_p                         per-thread accumulators (float, double);
 //                                                         16-bit: dz is kept, dW = dzᵀ·x is one GEMM
-// A W larger than L2 would be streamed once per panel; then the backward goes in row chunks with
-// multithreaded GEMMs instead (backward_chunked). Our reductions have a fixed order for a given
-// thread count, so with a given BLAS the results are deterministic.
+// For float and double, a W larger than L2 (streamed once per panel) or few rows send both passes
+// to row chunks with multithreaded GEMMs instead (use_chunks). Our reductions have a fixed order
+// for a given thread count, so with a given BLAS the results are deterministic.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -45,6 +45,10 @@ int64_t panel_grain(int64_t rows, int64_t k, int64_t n) {
   return std::max<int64_t>(1, kMinTaskMacs / std::max<int64_t>(1, rows * std::max<int64_t>(k, 1) * n));
 }
 
+// Rows (or columns) of `width` elements per task of an elementwise pass: at least ATen's grain of
+// 32768 elements, so small passes stay on the calling thread.
+int64_t elementwise_grain(int64_t width) { return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(width, 1)); }
+
 // Row chunks with multithreaded GEMMs (instead of per-thread panels) when W outgrows L2, where
 // panels would stream W once each, and when there are too few rows for panels to beat one
 // multithreaded GEMM (measured at M <= 512, 256 <= K, N <= 1024: per-thread panels 1.01-1.15x
@@ -52,13 +56,13 @@ int64_t panel_grain(int64_t rows, int64_t k, int64_t n) {
 bool use_chunks(int64_t m, int64_t weight_bytes) { return weight_bytes > kL2Bytes || m <= kChunkRows; }
 
 // Rows per panel. While W fits in L2, panels of kPanelBytes (at least 256 rows) keep each panel's
-// rows in cache between the GEMM and the elementwise work. A W larger than L2 is streamed again
-// for every panel, so then panels take large_w_rows rows (the GEMMs dominate anyway). Measured
-// forward at (8192, 1024, 1024): 128-row panels 1.18x addmm, one panel per thread 1.03x.
-int64_t panel_rows(int64_t m, int64_t row_bytes, int64_t weight_bytes, int64_t large_w_rows) {
+// rows in cache between the GEMM and the elementwise work. A larger W (16-bit types; float and
+// double take row chunks) would be streamed again for every panel, so then each thread takes one
+// panel (forward at (8192, 1024, 1024): 128-row panels 1.18x addmm, one per thread 1.03x).
+int64_t panel_rows(int64_t m, int64_t row_bytes, int64_t weight_bytes) {
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t per_thread = (m + threads - 1) / threads;
-  if (weight_bytes > kL2Bytes) return std::max<int64_t>(1, std::min(per_thread, large_w_rows));
+  if (weight_bytes > kL2Bytes) return std::max<int64_t>(1, per_thread);
   const int64_t rows = std::max<int64_t>(256, kPanelBytes / std::max<int64_t>(row_bytes, 1));
   return std::max<int64_t>(1, std::min(rows, per_thread));
 }
@@ -74,17 +78,18 @@ void bias_act_rows(T* out, const T* b, int64_t rows, int64_t n) {
 template <typename T, Activation A>
 void forward_kernel(const T* x, const T* w, const T* b, T* out, int64_t m, int64_t k, int64_t n) {
   if (kVectorized<T> && use_chunks(m, n * k * int64_t(sizeof(T)))) {
-    // W outgrows L2: one multithreaded GEMM per chunk of rows beats per-thread panel GEMMs
-    // (measured at (8192, 1024, 1024): 1.19x addmm with one panel per thread), then the
-    // epilogue runs on all threads while the chunk is still in the last-level cache.
+    // One multithreaded GEMM per chunk of rows, then the epilogue on all threads while the chunk
+    // is still in the last-level cache.
     for (int64_t c0 = 0; c0 < m; c0 += kChunkRows) {
       const int64_t r = std::min(kChunkRows, m - c0);
       gemm<T>(r, n, k, {x + c0 * k, k}, {w, k, /*trans=*/true}, out + c0 * n, n);
-      at::parallel_for(0, r, 1, [&](int64_t i0, int64_t i1) { bias_act_rows<T, A>(out + (c0 + i0) * n, b, i1 - i0, n); });
+      at::parallel_for(0, r, elementwise_grain(n), [&](int64_t i0, int64_t i1) {
+        bias_act_rows<T, A>(out + (c0 + i0) * n, b, i1 - i0, n);
+      });
     }
     return;
   }
-  const int64_t rows = panel_rows(m, (k + n) * int64_t(sizeof(T)), n * k * int64_t(sizeof(T)), m);
+  const int64_t rows = panel_rows(m, (k + n) * int64_t(sizeof(T)), n * k * int64_t(sizeof(T)));
   const int64_t panels = (m + rows - 1) / rows;
   at::parallel_for(0, panels, panel_grain(rows, k, n), [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
@@ -159,11 +164,11 @@ void backward_chunked(const T* g, const T* x, const T* w, const T* b, const T* y
   for (int64_t c0 = 0; c0 < m; c0 += chunk) {
     const int64_t r = std::min(chunk, m - c0);
     if (sign_mask == nullptr && y == nullptr) gemm<T>(r, n, k, {x + c0 * k, k}, {w, k, /*trans=*/true}, dz.data(), n);
-    at::parallel_for(0, r, 1, [&](int64_t i0, int64_t i1) {
+    at::parallel_for(0, r, elementwise_grain(n), [&](int64_t i0, int64_t i1) {
       form_dz<T, A>(dz.data() + i0 * n, g + (c0 + i0) * n, y, sign_mask, b, c0 + i0, i1 - i0, n);
     });
     if (db != nullptr) {  // each column summed over the rows in order, columns split over threads
-      at::parallel_for(0, n, 64, [&](int64_t j0, int64_t j1) {
+      at::parallel_for(0, n, elementwise_grain(r), [&](int64_t j0, int64_t j1) {
         for (int64_t i = 0; i < r; ++i) {
           for (int64_t j = j0; j < j1; ++j) db_acc[j] += dz[i * n + j];
         }
@@ -184,7 +189,7 @@ void backward_kernel(const T* g, const T* x, const T* w, const T* b, const T* y,
   if (kVectorized<T> && use_chunks(m, n * k * int64_t(sizeof(T)))) {
     return backward_chunked<T, A>(g, x, w, b, y, sign_mask, m, k, n, dx, dw, db);
   }
-  const int64_t rows = panel_rows(m, (2 * n + k) * int64_t(sizeof(T)), n * k * int64_t(sizeof(T)), m);
+  const int64_t rows = panel_rows(m, (2 * n + k) * int64_t(sizeof(T)), n * k * int64_t(sizeof(T)));
   const int64_t panels = (m + rows - 1) / rows;
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   // dW: per-thread accumulators in T for float/double; 16-bit types keep dz and make dW one
@@ -299,7 +304,7 @@ at::Tensor sign_mask_pack(const at::Tensor& y_in) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "sign_mask_pack", [&] {
     const scalar_t* src = y.const_data_ptr<scalar_t>();
     uint8_t* dst = packed.mutable_data_ptr<uint8_t>();
-    at::parallel_for(0, bytes, 4096, [&](int64_t j0, int64_t j1) {
+    at::parallel_for(0, bytes, at::internal::GRAIN_SIZE / 8, [&](int64_t j0, int64_t j1) {
       for (int64_t j = j0; j < j1; ++j) {
         uint8_t byte = 0;
         for (int64_t i = 0; i < 8 && j * 8 + i < numel; ++i) {
