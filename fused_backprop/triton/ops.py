@@ -202,6 +202,19 @@ def _splits_narrow(M: int, N: int, K: int, itemsize: int, device: torch.device) 
     return max(1, min(sms, M // 256, by_bytes))
 
 
+def _split_outputs(s, N, K, need_dw, need_db, dtype, dev):
+    """(dw, db, dw_t, db_t): the results, and where the s row splits write their partial dW / db
+    (the results themselves when s == 1; else fp32 — fp64 for fp64 — workspaces of s slices)."""
+    dw = torch.empty((N, K), device=dev, dtype=dtype) if need_dw else None
+    db = torch.empty((N,), device=dev, dtype=dtype) if need_db else None
+    if s == 1:
+        return dw, db, dw, db
+    ws_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    dw_t = torch.empty((s, N, K), device=dev, dtype=ws_dtype) if need_dw else None
+    db_t = torch.empty((s, N), device=dev, dtype=ws_dtype) if need_db else None
+    return dw, db, dw_t, db_t
+
+
 def _reduce_splits(partials, results) -> None:
     """Second, fixed-order stage of the deterministic split reduction: result = sum over splits."""
     for ws, res in zip(partials, results):
@@ -220,15 +233,8 @@ def _narrow_backward(grad_out, x, weight, bias, out, act, need_dx, need_dw, need
     if splits is None:  # whole row blocks of the largest BLOCK_M per split
         rows = triton.cdiv(rows, _k.NARROW_MAX_BLOCK_M) * _k.NARROW_MAX_BLOCK_M
     s = triton.cdiv(M, rows)
-    ws_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     dx = torch.empty((M, K), device=dev, dtype=dtype) if need_dx else None
-    dw = torch.empty((N, K), device=dev, dtype=dtype) if need_dw else None
-    db = torch.empty((N,), device=dev, dtype=dtype) if need_db else None
-    if s == 1:
-        dw_t, db_t = dw, db
-    else:
-        dw_t = torch.empty((s, N, K), device=dev, dtype=ws_dtype) if need_dw else None
-        db_t = torch.empty((s, N), device=dev, dtype=ws_dtype) if need_db else None
+    dw, db, dw_t, db_t = _split_outputs(s, N, K, need_dw, need_db, dtype, dev)
     recompute = out is None
     v = grad_out if recompute else out
     mask_in = _is_sign_mask(out)
@@ -326,14 +332,7 @@ def linear_act_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.T
             if splits is not None:  # tests: honour small row counts exactly
                 rows = triton.cdiv(M, max(int(s), 1))
             s = triton.cdiv(M, rows)
-            ws_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-            dw = torch.empty((N, K), device=dev, dtype=dtype) if need_dw else None
-            db = torch.empty((N,), device=dev, dtype=dtype) if need_db else None
-            if s == 1:
-                dw_t, db_t = dw, db
-            else:
-                dw_t = torch.empty((s, N, K), device=dev, dtype=ws_dtype) if need_dw else None
-                db_t = torch.empty((s, N), device=dev, dtype=ws_dtype) if need_db else None
+            dw, db, dw_t, db_t = _split_outputs(s, N, K, need_dw, need_db, dtype, dev)
             dw_arg = dw_t if dw_t is not None else x
             db_arg = db_t if db_t is not None else x
             if need_dw:
