@@ -33,18 +33,19 @@ def linear_act(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return out.reshape(*input.shape[:-1], weight.shape[0])
 
 
-def autocast_args(input, weight, bias):
+def autocast_args(input, *tensors):
     """Under ``torch.autocast`` the layer computes in the autocast dtype, exactly where
-    ``nn.Linear`` would (linear is on autocast's lower-precision list): floating tensors are cast
-    to it before the fused op, and autograd carries the gradients back to their own dtypes."""
+    ``nn.Linear`` would (linear is on autocast's lower-precision list): ``input`` and ``tensors``
+    (parameters, None allowed) are cast to it if floating, and autograd carries the gradients
+    back to their own dtypes. Returns them in order."""
     if not isinstance(input, torch.Tensor) or not torch.is_autocast_enabled(input.device.type):
-        return input, weight, bias
+        return (input, *tensors)
     dtype = torch.get_autocast_dtype(input.device.type)
 
     def cast(t):
         return t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
 
-    return cast(input), cast(weight), cast(bias)
+    return tuple(map(cast, (input, *tensors)))
 
 
 def linear_relu(input, weight, bias=None, *, recompute: bool = False, backend: str = "auto"):

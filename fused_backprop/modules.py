@@ -111,8 +111,7 @@ class FusedMLP(nn.Module):
             for layer in self.layers:
                 x = layer(x)
             return x
-        params = [autocast_args(x, p, None)[1] for lay in self.layers for p in (lay.weight, lay.bias) if p is not None]
-        x = autocast_args(x, None, None)[0]
+        x, *params = autocast_args(x, *[p for lay in self.layers for p in (lay.weight, lay.bias) if p is not None])
         first = self.layers[0]
         check_linear_args(x, params[0], params[1] if first.bias is not None else None)
         impl = backends.resolve(self.backend, x.device)

@@ -6,6 +6,8 @@ recompute in backward."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import _ops
@@ -36,8 +38,6 @@ def pack_composite(out: torch.Tensor) -> torch.Tensor:
 def unpack(packed: torch.Tensor, shape, dtype) -> torch.Tensor:
     """The mask as 0/1 values of ``dtype`` and ``shape``: relu's derivative, and a stand-in for
     the layer output in relu's backward (relu'(0/1) = 0/1)."""
-    numel = 1
-    for s in shape:
-        numel *= s
+    numel = math.prod(shape)
     bits = (packed[:, None] & _weights(packed.device)) != 0
     return bits.flatten()[:numel].view(shape).to(dtype)
