@@ -1,7 +1,6 @@
 // Op schemas (declared once, here) and the argument checks every backend's glue shares.
 #include "ops.h"
 
-#include <Python.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -97,11 +96,4 @@ TORCH_LIBRARY(fused_backprop, m) {
       "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
   // relu's packed 1-bit sign mask of y (see check_backward_args): uint8, ceil(numel / 8) bytes.
   m.def("sign_mask_pack(Tensor y) -> Tensor");
-}
-
-// The .so is imported as a Python module so that the schemas and kernels above get registered;
-// it defines no Python functions of its own (everything goes through torch.ops).
-PyMODINIT_FUNC PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
 }

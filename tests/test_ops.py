@@ -83,6 +83,31 @@ def test_masked_outputs_are_empty():
     assert dx.numel() == 0 and db.numel() == 0 and dw.shape == w.shape
 
 
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("mask", [[True, True, True], [False, True, False], [True, False, True]])
+def test_eager_bindings_match_ops(bias, mask):
+    """The extension's own bindings (the eager path of the cpu/cuda backends) run the same kernels
+    below autograd: same values, None for each gradient left out, no graph, fake tensors work."""
+    from fused_backprop import _C
+
+    x, w, b = sample_inputs(37, 11, 6, bias=bias, requires_grad=True)
+    out = _C.linear_act_fwd(x, w, b, "sigmoid")
+    assert out.grad_fn is None and not out.requires_grad
+    assert torch.equal(out, ops.linear_act_fwd(x, w, b, "sigmoid").detach())
+    g = torch.randn_like(out)
+    got = _C.linear_act_bwd(g, x, w, b, out, "sigmoid", mask)
+    want = ops.linear_act_bwd(g, x, w, b, out, "sigmoid", mask)
+    for a, e, wanted in zip(got, want, [mask[0], mask[1], mask[2] and bias]):
+        if wanted:
+            assert torch.equal(a, e.detach())
+        else:
+            assert a is None
+    x, w = x.detach(), w.detach()
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+        fx, fw = mode.from_tensor(x), mode.from_tensor(w)
+        assert _C.linear_act_fwd(fx, fw, None, "relu").shape == (37, 6)
+
+
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_op_level_autograd(activation):
     """register_autograd gives the registered forward op a backward (saved-output path)."""

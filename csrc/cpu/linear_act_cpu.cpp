@@ -151,31 +151,44 @@ void form_dz(T* dz, const T* g, const T* y, const uint8_t* sign_mask, const T* b
   }
 }
 
-// Backward when W outgrows L2 (float, double): the rows go in chunks; per chunk, dz is formed
-// by all threads, then dx = dz·W and dW += dzᵀ·x run as multithreaded BLAS calls, which beat
+// Scratch memory for n elements of T, left uninitialised (a zero-filled std::vector costs a
+// memset per call, which shows at small layers: 512x128x128 spent 1/5 of its backward there).
+template <typename T>
+T* scratch(at::Tensor& holder, int64_t n) {
+  holder = at::empty({n}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+  return holder.mutable_data_ptr<T>();
+}
+
+// Backward when W outgrows L2 or there are few rows (float, double): the rows go in chunks; per
+// chunk, all threads form their rows of dz and their partial column sums for db while the rows
+// are in cache, then dx = dz·W and dW += dzᵀ·x run as multithreaded BLAS calls, which beat
 // per-thread panel GEMMs that stream W and a dW accumulator per panel (measured at
 // (8192, 1024, 1024): 1.13x two bare GEMMs with per-thread panels). Only one chunk of dz exists.
 template <typename T, Activation A>
 void backward_chunked(const T* g, const T* x, const T* w, const T* b, const T* y, const uint8_t* sign_mask,
                       int64_t m, int64_t k, int64_t n, T* dx, T* dw, T* db) {
   const int64_t chunk = std::min(m, kChunkRows);
-  std::vector<T> dz(chunk * n);
-  std::vector<T> db_acc(db != nullptr ? n : 0, T(0));
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  at::Tensor dz_holder;
+  T* dz = scratch<T>(dz_holder, chunk * n);
+  // db: one partial per thread per chunk (each over a fixed block of rows), summed in thread
+  // order, so the result does not depend on scheduling.
+  using acc_t = at::opmath_type<T>;
+  std::vector<acc_t> db_part(db != nullptr ? threads * n : 0), db_acc(db != nullptr ? n : 0, acc_t(0));
   for (int64_t c0 = 0; c0 < m; c0 += chunk) {
     const int64_t r = std::min(chunk, m - c0);
-    if (sign_mask == nullptr && y == nullptr) gemm<T>(r, n, k, {x + c0 * k, k}, {w, k, /*trans=*/true}, dz.data(), n);
+    if (sign_mask == nullptr && y == nullptr) gemm<T>(r, n, k, {x + c0 * k, k}, {w, k, /*trans=*/true}, dz, n);
+    if (db != nullptr) std::fill(db_part.begin(), db_part.end(), acc_t(0));
     at::parallel_for(0, r, elementwise_grain(n), [&](int64_t i0, int64_t i1) {
-      form_dz<T, A>(dz.data() + i0 * n, g + (c0 + i0) * n, y, sign_mask, b, c0 + i0, i1 - i0, n);
+      form_dz<T, A>(dz + i0 * n, g + (c0 + i0) * n, y, sign_mask, b, c0 + i0, i1 - i0, n);
+      if (db != nullptr) add_column_sums(db_part.data() + at::get_thread_num() * n, dz + i0 * n, i1 - i0, n);
     });
-    if (db != nullptr) {  // each column summed over the rows in order, columns split over threads
-      at::parallel_for(0, n, elementwise_grain(r), [&](int64_t j0, int64_t j1) {
-        for (int64_t i = 0; i < r; ++i) {
-          for (int64_t j = j0; j < j1; ++j) db_acc[j] += dz[i * n + j];
-        }
-      });
+    for (int64_t t = 0; db != nullptr && t < threads; ++t) {
+      map_row(n, []<typename M, typename V>(V s, V v) { return s + v; }, db_acc.data(), db_acc.data(),
+              db_part.data() + t * n);
     }
-    if (dx != nullptr) gemm<T>(r, k, n, {dz.data(), n}, {w, k}, dx + c0 * k, k);
-    if (dw != nullptr) gemm<T>(n, k, r, {dz.data(), n, /*trans=*/true}, {x + c0 * k, k}, dw, k, /*accumulate=*/c0 > 0);
+    if (dx != nullptr) gemm<T>(r, k, n, {dz, n}, {w, k}, dx + c0 * k, k);
+    if (dw != nullptr) gemm<T>(n, k, r, {dz, n, /*trans=*/true}, {x + c0 * k, k}, dw, k, /*accumulate=*/c0 > 0);
   }
   if (db != nullptr) std::copy(db_acc.begin(), db_acc.end(), db);
 }
@@ -198,35 +211,39 @@ void backward_kernel(const T* g, const T* x, const T* w, const T* b, const T* y,
 
   // dz lives in a per-thread panel buffer, or in one (m, n) buffer when dW needs all of it.
   const bool keep_dz = dw != nullptr && !per_thread_dw;
-  std::vector<T> dz_store(keep_dz ? m * n : threads * rows * n);
+  at::Tensor dz_holder, dw_holder;
+  T* dz_store = scratch<T>(dz_holder, keep_dz ? m * n : threads * rows * n);
   // Thread 0 accumulates straight into dw; the others into buffers summed into it at the end.
-  std::vector<T> dw_acc(per_thread_dw ? (threads - 1) * n * k : 0, T(0));
-  if (per_thread_dw) std::fill_n(dw, n * k, T(0));
-  auto dw_of = [&](int64_t tid) { return tid == 0 ? dw : dw_acc.data() + (tid - 1) * n * k; };
+  // A thread's first panel overwrites its accumulator; a thread that got no panel adds nothing.
+  T* dw_acc = per_thread_dw && threads > 1 ? scratch<T>(dw_holder, (threads - 1) * n * k) : nullptr;
+  auto dw_of = [&](int64_t tid) { return tid == 0 ? dw : dw_acc + (tid - 1) * n * k; };
+  std::vector<char> dw_started(threads, 0);
   std::vector<acc_t> db_part(db != nullptr ? panels * n : 0, acc_t(0));
 
   at::parallel_for(0, panels, panel_grain(rows, k, n), [&](int64_t p0, int64_t p1) {
     const int64_t tid = at::get_thread_num();
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t r0 = p * rows, r = std::min(rows, m - r0);
-      T* dz = keep_dz ? dz_store.data() + r0 * n : dz_store.data() + tid * rows * n;
+      T* dz = keep_dz ? dz_store + r0 * n : dz_store + tid * rows * n;
       const T* g_p = g + r0 * n;
       if (sign_mask == nullptr && y == nullptr) gemm<T>(r, n, k, {x + r0 * k, k}, {w, k, /*trans=*/true}, dz, n);
       form_dz<T, A>(dz, g + r0 * n, y, sign_mask, b, r0, r, n);
       if (db != nullptr) add_column_sums(db_part.data() + p * n, dz, r, n);
       if (dx != nullptr) gemm<T>(r, k, n, {dz, n}, {w, k}, dx + r0 * k, k);
       if (per_thread_dw) {
-        gemm<T>(n, k, r, {dz, n, /*trans=*/true}, {x + r0 * k, k}, dw_of(tid), k, /*accumulate=*/true);
+        gemm<T>(n, k, r, {dz, n, /*trans=*/true}, {x + r0 * k, k}, dw_of(tid), k, /*accumulate=*/dw_started[tid]);
+        dw_started[tid] = 1;
       }
     }
   });
 
   if (per_thread_dw) {
+    if (!dw_started[0]) std::fill_n(dw, n * k, T(0));
     for (int64_t t = 1; t < threads; ++t) {
-      map_row(n * k, []<typename M, typename V>(V a, V c) { return a + c; }, dw, dw, dw_of(t));
+      if (dw_started[t]) map_row(n * k, []<typename M, typename V>(V a, V c) { return a + c; }, dw, dw, dw_of(t));
     }
   } else if (dw != nullptr) {
-    gemm<T>(n, k, m, {dz_store.data(), n, /*trans=*/true}, {x, k}, dw, k);
+    gemm<T>(n, k, m, {dz_store, n, /*trans=*/true}, {x, k}, dw, k);
   }
   if (db != nullptr) {
     for (int64_t j = 0; j < n; ++j) {

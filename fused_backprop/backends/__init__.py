@@ -71,16 +71,22 @@ def register(backend: Backend) -> Backend:
     return backend
 
 
-def register_ops(name: str, fwd_op, bwd_op, **kwargs) -> Backend:
+def register_ops(name: str, fwd_op, bwd_op, *, eager=None, **kwargs) -> Backend:
     """Registers a backend whose forward and backward are registered ops with the schemas of
     ``linear_act_fwd`` / ``linear_act_bwd`` (a masked-out gradient comes back as an empty tensor,
-    handed on as None)."""
+    handed on as None). ``eager``, if given, is a (forward, backward) pair with this interface that
+    runs the same ops without torch.ops' per-call cost (the compiled extension's own bindings);
+    it is used except while torch.compile traces, which needs the ops themselves."""
 
     def forward(x, weight, bias, activation):
+        if eager is not None and not torch.compiler.is_compiling():
+            return eager[0](x, weight, bias, activation)
         return fwd_op(x, weight, bias, activation)
 
     def backward(grad_out, x, weight, bias, out, activation, output_mask):
         mask = [bool(output_mask[0]), bool(output_mask[1]), bool(output_mask[2]) and bias is not None]
+        if eager is not None and not torch.compiler.is_compiling():
+            return eager[1](grad_out, x, weight, bias, out, activation, mask)
         grads = bwd_op(grad_out, x, weight, bias, out, activation, mask)
         return tuple(g if wanted else None for g, wanted in zip(grads, mask))
 
