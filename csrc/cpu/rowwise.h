@@ -11,10 +11,42 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <type_traits>
+#if defined(CPU_CAPABILITY_AVX512)
+#include <immintrin.h>
+#endif
 
 #include "activation.h"
 
 namespace fused_backprop::cpu {
+
+// e^v, SIMD-wide. ATen's Vectorized::exp (Sleef, 1 ULP) in general; for AVX-512 float, a
+// shorter sequence with the same accuracy: Cody-Waite reduction v = n ln2 + r, Cephes expf's
+// degree-7 polynomial for e^r, and vscalefps for 2^n, which gives inf, denormals and 0 at the
+// ends without special cases. Max error 1.0 ULP over every 16th float in [-104, 89] (Sleef:
+// 0.57); sigmoid built on it is within 1.43e-7 relative of float64, as torch.sigmoid is. It
+// takes 0.24 ns per sigmoid element against Sleef's 0.33 (one core, 64K floats in L2), which
+// is most of what sigmoid costs over relu after the GEMM.
+template <typename V>
+inline V vec_exp(V v) {
+  return v.exp();
+}
+
+#if defined(CPU_CAPABILITY_AVX512)
+inline at::vec::Vectorized<float> vec_exp(at::vec::Vectorized<float> v) {
+  // Clamp to where e^v is 0 / inf anyway; vmaxps/vminps return their second operand (v) for NaN.
+  __m512 x = _mm512_min_ps(_mm512_set1_ps(89.f), _mm512_max_ps(_mm512_set1_ps(-104.f), v));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);  // ln2 in two parts
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  for (float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f}) {
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  }
+  p = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+#endif
 
 struct VecMath {
   // at::vec::maximum propagates NaN, like torch.relu.
@@ -23,7 +55,7 @@ struct VecMath {
   template <typename V>
   static V step(V v) { return V(1) - v.le(V(0)); }
   template <typename V>
-  static V exp(V v) { return v.exp(); }
+  static V exp(V v) { return vec_exp(v); }
 };
 
 template <typename T>
