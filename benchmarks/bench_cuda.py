@@ -16,7 +16,6 @@ extension built with CUDA (``scripts/gpu_check.sh`` does both).
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import torch.nn.functional as F
 from torch.utils import benchmark
 
 import fused_backprop as fb
+from fused_backprop.bench.report import write_csv
 
 SHAPES = [(65536, 64, 64), (16384, 256, 256), (8192, 1024, 1024)]
 QUICK_SHAPES = [(4096, 128, 128)]
@@ -112,11 +112,7 @@ def main(argv=None):
                                          median_us=round(us, 2),
                                          tflops=round(flops(mode, m, k, n) / (us * 1e-6) / 1e12, 3),
                                          device=torch.cuda.get_device_name()))
-    a.csv.parent.mkdir(parents=True, exist_ok=True)
-    with open(a.csv, "w", newline="") as f:
-        wr = csv.DictWriter(f, fieldnames=list(rows[0]))
-        wr.writeheader()
-        wr.writerows(rows)
+    write_csv(rows, a.csv, columns=rows[0])
     print(f"wrote {a.csv}")
 
 

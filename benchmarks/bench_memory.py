@@ -24,7 +24,6 @@ tensors) — and the median step time.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import resource
@@ -39,6 +38,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import fused_backprop as fb
+from fused_backprop.bench.report import write_csv
 
 VARIANTS = ("eager", "checkpoint", "fused-none", "fused-layer", "fused-block")
 DEFAULT_CSV = Path(__file__).resolve().parent / "results" / "memory.csv"
@@ -189,11 +189,7 @@ def main(argv=None) -> int:
     print("\nsaved beyond the input by one Linear+ReLU layer whose output nobody else keeps:")
     for r in single_layer_rows(args.width, args.batch, torch.device(args.device)):
         print(f"  {r['variant']:<28}{r['saved_bytes'] / mib:>9.2f} MiB")
-    args.csv.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.csv, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(rows, args.csv, columns=rows[0])
     print(f"wrote {args.csv}")
     return 0
 

@@ -16,7 +16,6 @@ Model (a roofline with the kernel's structure folded into an achievable rate):
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 

@@ -19,7 +19,6 @@ Writes ``gradient_check.json`` to ``--out``; exits 1 if a check fails.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 
 import fused_backprop as fb
+from fused_backprop.bench.report import save_example
 
 DEFAULT_OUT = Path("results") / "examples"
 
@@ -111,11 +111,8 @@ def main(argv=None) -> int:
     bug = buggy_sigmoid_error(x, w, b, c, args.eps)
     print(f"\nand a deliberately wrong sigmoid backward (y instead of y(1-y)): dW error {bug:.2f} — "
           f"{'caught' if bug > args.threshold else 'NOT caught'}")
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "gradient_check.json"
-    path.write_text(json.dumps(dict(shape=[m, k, n], eps=args.eps, threshold=args.threshold, results=results,
-                                    buggy_sigmoid_dw_error=bug), indent=1) + "\n")
-    print(f"wrote {path}")
+    save_example(args.out, "gradient_check", dict(shape=[m, k, n], eps=args.eps, threshold=args.threshold,
+                                                  results=results, buggy_sigmoid_dw_error=bug))
     if failed:
         print("some gradient checks FAILED", file=sys.stderr)
     return 1 if failed else 0

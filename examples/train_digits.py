@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import sys
 import time
@@ -29,6 +28,7 @@ import torch
 from torch import nn
 
 import fused_backprop as fb
+from fused_backprop.bench.report import save_example
 
 DEFAULT_OUT = Path("results") / "examples"
 ACT = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid}
@@ -206,13 +206,7 @@ def main(argv=None) -> int:
           f"{len(result['eager']['losses'])} steps); a fused training step runs at {result['speedup']:.2f}× "
           f"eager's speed (median over the steps of eager time / fused time on the same batch)")
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "train_digits.json").write_text(json.dumps(result, indent=1) + "\n")
-    written = [args.out / "train_digits.json"]
-    if not args.no_plot:
-        plot(result, args.out / "train_digits.png")
-        written.append(args.out / "train_digits.png")
-    print("wrote " + ", ".join(map(str, written)))
+    save_example(args.out, "train_digits", result, plot=None if args.no_plot else plot)
     return 0
 
 

@@ -18,7 +18,6 @@ Writes ``vanishing_gradients.png`` (‖∂L/∂W‖ per layer and the RMS of ∂
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import torch
 from torch import nn
 
 import fused_backprop as fb
+from fused_backprop.bench.report import save_example
 
 DEFAULT_OUT = Path("results") / "examples"
 STANDARD_INIT = {"relu": "kaiming", "sigmoid": "xavier"}
@@ -137,13 +137,7 @@ def main(argv=None) -> int:
             result["runs"].append(run)
             print(f"{activation:<10} {init:<8} {run['weight_grad'][0]:>14.3e} {run['weight_grad'][-1]:>15.3e} "
                   f"{run['first_over_last']:>11.2e}")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "vanishing_gradients.json").write_text(json.dumps(result, indent=1) + "\n")
-    written = [args.out / "vanishing_gradients.json"]
-    if not args.no_plot:
-        plot(result, args.out / "vanishing_gradients.png")
-        written.append(args.out / "vanishing_gradients.png")
-    print("wrote " + ", ".join(map(str, written)))
+    save_example(args.out, "vanishing_gradients", result, plot=None if args.no_plot else plot)
     return 0
 
 

@@ -12,7 +12,7 @@ With ``z = x Wᵀ + b`` (the pre-activation) and ``dz = grad_y ⊙ act'(z)`` the
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple
 
 import numpy as np
 

@@ -3,7 +3,6 @@ backend every other one falls back to when a graph is built in backward (double 
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 from ..activations import ACTIVATIONS

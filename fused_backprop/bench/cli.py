@@ -451,6 +451,6 @@ def main(argv=None) -> int:
     if bad:
         failing = sorted({(r["provider"], f"{r['device']} {r['dtype']} {r['activation']} {r['M']}x{r['K']}x{r['N']}")
                           for r in bad})
-        print(f"WRONG RESULTS (not timed): " + "; ".join(f"{p} on {c}" for p, c in failing), file=sys.stderr)
+        print("WRONG RESULTS (not timed): " + "; ".join(f"{p} on {c}" for p, c in failing), file=sys.stderr)
         return 1
     return 0

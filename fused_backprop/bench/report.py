@@ -1,5 +1,5 @@
 """Results: one row per (device, dtype, mode, activation, shape, provider); the ratios; the table
-(``rich``, plain text when rich is missing), CSV and JSON."""
+(``rich``, plain text when rich is missing), CSV and JSON; the examples' JSON + PNG outputs."""
 
 from __future__ import annotations
 
@@ -56,13 +56,16 @@ def summary(rows: list) -> list:
     return result
 
 
-def write_csv(rows: list, path: Path) -> None:
+def write_csv(rows: list, path: Path, columns=None) -> None:
+    """One row per dict, ``columns`` in order (default: the benchmark's COLUMNS; the other
+    benchmarks pass their own); None is written as an empty cell."""
+    columns = COLUMNS if columns is None else list(columns)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in COLUMNS})
+            writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in columns})
 
 
 def _json_safe(value):
@@ -73,6 +76,19 @@ def _json_safe(value):
     if isinstance(value, (list, tuple)):
         return [_json_safe(v) for v in value]
     return value
+
+
+def save_example(out: Path, name: str, result: dict, plot=None) -> list:
+    """An example's outputs: ``out/name.json`` and, when ``plot`` is given, ``out/name.png`` drawn
+    by ``plot(result, path)``. Prints and returns the paths written."""
+    out.mkdir(parents=True, exist_ok=True)
+    written = [out / f"{name}.json"]
+    written[0].write_text(json.dumps(_json_safe(result), indent=1) + "\n")
+    if plot is not None:
+        written.append(out / f"{name}.png")
+        plot(result, written[-1])
+    print("wrote " + ", ".join(map(str, written)))
+    return written
 
 
 def write_json(meta: dict, rows: list, path: Path) -> None:
