@@ -127,14 +127,19 @@ def test_backward_is_deterministic():
 
 @pytest.mark.parametrize("activation,saved", [("relu", "out"), ("relu", "recompute"), ("relu", "mask"),
                                               ("sigmoid", "out"), ("sigmoid", "recompute")])
-def test_large_weight_chunked_backward(activation, saved):
-    """A weight larger than L2 takes the chunked backward (row chunks, multithreaded GEMMs):
-    here 3 chunks, the last one partial."""
-    x, w, b = sample_inputs(2100, 400, 410)  # float64: W is 1.3 MB
+@pytest.mark.parametrize("dtype,k", [(torch.float64, 400), (torch.float32, 700)])  # W: 1.3 MB, 1.15 MB
+def test_large_weight_chunked(activation, saved, dtype, k):
+    """A weight larger than 1 MiB takes the row chunks with multithreaded GEMMs (float32: W packed
+    once for all chunks): here 3 chunks, the last one partial, so both the packed and the plain
+    GEMM run. Checked against float64 from the same inputs."""
+    x, w, b = sample_inputs(2100, k, 410, dtype=dtype)
     out = ops.linear_act_fwd(x, w, b, activation)
+    x64, w64, b64 = (t.double() for t in (x, w, b))
+    assert_close(out, torch_backend.forward(x64, w64, b64, activation), dtype)
     given = {"out": out, "recompute": None, "mask": sign_mask.pack(out)}[saved]
-    g = torch.randn(2100, 410, dtype=x.dtype)
+    g = torch.randn(2100, 410, dtype=dtype)
     got = ops.linear_act_bwd(g, x, w, b, given, activation, [True, True, True])
-    want = torch_backend.backward(g, x, w, b, out, activation, (True, True, True))
+    want = torch_backend.backward(g.double(), x64, w64, b64, out.double(), activation, (True, True, True))
     for a, e in zip(got, want):
-        assert_close(a, e)
+        # Gradients sum over up to 2100 terms: allow for the accumulation in the dtype's precision.
+        torch.testing.assert_close(a, e.to(dtype), rtol=TOL[dtype]["rtol"] * 4, atol=TOL[dtype]["atol"] * 30)

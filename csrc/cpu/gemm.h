@@ -15,6 +15,11 @@ void sgemm_(const char*, const char*, const int*, const int*, const int*, const 
             const float*, const int*, const float*, float*, const int*) __attribute__((weak));
 void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*, const double*,
             const int*, const double*, const int*, const double*, double*, const int*) __attribute__((weak));
+// MKL's packed-operand GEMM (float only); CBLAS enums as ints.
+size_t cblas_sgemm_pack_get_size(int, int, int, int) __attribute__((weak));
+void cblas_sgemm_pack(int, int, int, int, int, int, float, const float*, int, float*) __attribute__((weak));
+void cblas_sgemm_compute(int, int, int, int, int, int, const float*, int, const float*, int, float, float*, int)
+    __attribute__((weak));
 }
 
 namespace fused_backprop::cpu {
@@ -82,5 +87,43 @@ void gemm(int64_t m, int64_t n, int64_t k, Mat<T> a, Mat<T> b, T* c, int64_t ldc
     at::mm_out(ct, at_, bt_);
   }
 }
+
+// C = op(A) · op(B) for row chunks of op(A) that share one op(B), e.g. a layer's weight. A plain
+// GEMM call packs B into the BLAS's internal layout every time: for (8192, 1024, 1024) in 1024-row
+// chunks that is W packed 8 times. Here float packs it once (MKL's cblas_sgemm_pack) for chunks
+// of `rows` rows; other types, other chunk heights or a BLAS without packing use gemm().
+template <typename T>
+class SharedB {
+ public:
+  SharedB(Mat<T> b, int64_t rows, int64_t k, int64_t n) : b_(b), rows_(rows), k_(k), n_(n) {
+    if constexpr (std::is_same_v<T, float>) {
+      const bool fits = detail::fits_int(rows) && detail::fits_int(k) && detail::fits_int(n) && detail::fits_int(b.ld);
+      if (cblas_sgemm_pack != nullptr && cblas_sgemm_compute != nullptr && fits && rows > 0 && k > 0 && n > 0) {
+        const size_t bytes = cblas_sgemm_pack_get_size(kBMatrix, int(rows), int(n), int(k));
+        packed_ = at::empty({int64_t((bytes + sizeof(float) - 1) / sizeof(float))}, at::kFloat);
+        cblas_sgemm_pack(kRowMajor, kBMatrix, b.trans ? kTrans : kNoTrans, int(rows), int(n), int(k), 1.f, b.data,
+                         int(b.ld), packed_.mutable_data_ptr<float>());
+      }
+    }
+  }
+
+  // C (m x n) = op(A) (m x k) · op(B).
+  void gemm(int64_t m, Mat<T> a, T* c, int64_t ldc) const {
+    if constexpr (std::is_same_v<T, float>) {
+      if (packed_.defined() && m == rows_ && detail::fits_int(a.ld) && detail::fits_int(ldc)) {
+        cblas_sgemm_compute(kRowMajor, a.trans ? kTrans : kNoTrans, kPacked, int(m), int(n_), int(k_), a.data,
+                            int(a.ld), packed_.const_data_ptr<float>(), int(b_.ld), 0.f, c, int(ldc));
+        return;
+      }
+    }
+    fused_backprop::cpu::gemm<T>(m, n_, k_, a, b_, c, ldc);
+  }
+
+ private:
+  enum : int { kRowMajor = 101, kNoTrans = 111, kTrans = 112, kPacked = 151, kBMatrix = 162 };
+  Mat<T> b_;
+  int64_t rows_, k_, n_;
+  at::Tensor packed_;
+};
 
 }  // namespace fused_backprop::cpu

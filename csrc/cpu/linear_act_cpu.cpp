@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <optional>
 #if defined(CPU_CAPABILITY_AVX512)
 #include <immintrin.h>
 #endif
@@ -80,9 +81,10 @@ void forward_kernel(const T* x, const T* w, const T* b, T* out, int64_t m, int64
   if (kVectorized<T> && use_chunks(m, n * k * int64_t(sizeof(T)))) {
     // One multithreaded GEMM per chunk of rows, then the epilogue on all threads while the chunk
     // is still in the last-level cache.
+    const SharedB<T> wt({w, k, /*trans=*/true}, std::min(m, kChunkRows), k, n);
     for (int64_t c0 = 0; c0 < m; c0 += kChunkRows) {
       const int64_t r = std::min(kChunkRows, m - c0);
-      gemm<T>(r, n, k, {x + c0 * k, k}, {w, k, /*trans=*/true}, out + c0 * n, n);
+      wt.gemm(r, {x + c0 * k, k}, out + c0 * n, n);
       at::parallel_for(0, r, elementwise_grain(n), [&](int64_t i0, int64_t i1) {
         bias_act_rows<T, A>(out + (c0 + i0) * n, b, i1 - i0, n);
       });
@@ -175,9 +177,13 @@ void backward_chunked(const T* g, const T* x, const T* w, const T* b, const T* y
   // order, so the result does not depend on scheduling.
   using acc_t = at::opmath_type<T>;
   std::vector<acc_t> db_part(db != nullptr ? threads * n : 0), db_acc(db != nullptr ? n : 0, acc_t(0));
+  const bool recompute = sign_mask == nullptr && y == nullptr;
+  std::optional<SharedB<T>> wt, w_for_dx;  // W packed once for all chunks, for each GEMM that needs it
+  if (recompute) wt.emplace(Mat<T>{w, k, /*trans=*/true}, chunk, k, n);
+  if (dx != nullptr) w_for_dx.emplace(Mat<T>{w, k}, chunk, n, k);
   for (int64_t c0 = 0; c0 < m; c0 += chunk) {
     const int64_t r = std::min(chunk, m - c0);
-    if (sign_mask == nullptr && y == nullptr) gemm<T>(r, n, k, {x + c0 * k, k}, {w, k, /*trans=*/true}, dz, n);
+    if (recompute) wt->gemm(r, {x + c0 * k, k}, dz, n);
     if (db != nullptr) std::fill(db_part.begin(), db_part.end(), acc_t(0));
     at::parallel_for(0, r, elementwise_grain(n), [&](int64_t i0, int64_t i1) {
       form_dz<T, A>(dz + i0 * n, g + (c0 + i0) * n, y, sign_mask, b, c0 + i0, i1 - i0, n);
@@ -187,7 +193,7 @@ void backward_chunked(const T* g, const T* x, const T* w, const T* b, const T* y
       map_row(n, []<typename M, typename V>(V s, V v) { return s + v; }, db_acc.data(), db_acc.data(),
               db_part.data() + t * n);
     }
-    if (dx != nullptr) gemm<T>(r, k, n, {dz, n}, {w, k}, dx + c0 * k, k);
+    if (dx != nullptr) w_for_dx->gemm(r, {dz, n}, dx + c0 * k, k);
     if (dw != nullptr) gemm<T>(n, k, r, {dz, n, /*trans=*/true}, {x + c0 * k, k}, dw, k, /*accumulate=*/c0 > 0);
   }
   if (db != nullptr) std::copy(db_acc.begin(), db_acc.end(), db);
