@@ -38,7 +38,9 @@ def autocast_args(input, *tensors):
     ``nn.Linear`` would (linear is on autocast's lower-precision list): ``input`` and ``tensors``
     (parameters, None allowed) are cast to it if floating, and autograd carries the gradients
     back to their own dtypes. Returns them in order."""
-    if not isinstance(input, torch.Tensor) or not torch.is_autocast_enabled(input.device.type):
+    # _is_any_autocast_enabled first: 0.1 us against 0.5 us for the per-device query.
+    if (not isinstance(input, torch.Tensor) or not torch._C._is_any_autocast_enabled()
+            or not torch.is_autocast_enabled(input.device.type)):
         return (input, *tensors)
     dtype = torch.get_autocast_dtype(input.device.type)
 
