@@ -88,17 +88,21 @@ void gemm(int64_t m, int64_t n, int64_t k, Mat<T> a, Mat<T> b, T* c, int64_t ldc
   }
 }
 
-// C = op(A) · op(B) for row chunks of op(A) that share one op(B), e.g. a layer's weight. A plain
-// GEMM call packs B into the BLAS's internal layout every time: for (8192, 1024, 1024) in 1024-row
-// chunks that is W packed 8 times. Here float packs it once (MKL's cblas_sgemm_pack) for chunks
-// of `rows` rows; other types, other chunk heights or a BLAS without packing use gemm().
+// C = op(A) · op(B) for the row chunks of an (m x k) op(A) that share one op(B), e.g. a layer's
+// weight. A plain GEMM call packs B into the BLAS's internal layout every time: for
+// (8192, 1024, 1024) in 1024-row chunks that is W packed 8 times. Here float packs it once (MKL's
+// cblas_sgemm_pack, single-threaded) for chunks of `rows` rows when at least two full chunks use
+// it; a single chunk is cheaper as a plain GEMM, which packs on all threads (batch 128 through
+// 1024x1024 layers: a training step took 1.27x as long packed). Other types, other chunk heights or a BLAS without
+// packing use gemm().
 template <typename T>
 class SharedB {
  public:
-  SharedB(Mat<T> b, int64_t rows, int64_t k, int64_t n) : b_(b), rows_(rows), k_(k), n_(n) {
+  SharedB(Mat<T> b, int64_t m, int64_t rows, int64_t k, int64_t n) : b_(b), rows_(rows), k_(k), n_(n) {
     if constexpr (std::is_same_v<T, float>) {
       const bool fits = detail::fits_int(rows) && detail::fits_int(k) && detail::fits_int(n) && detail::fits_int(b.ld);
-      if (cblas_sgemm_pack != nullptr && cblas_sgemm_compute != nullptr && fits && rows > 0 && k > 0 && n > 0) {
+      if (cblas_sgemm_pack != nullptr && cblas_sgemm_compute != nullptr && fits && rows > 0 && m >= 2 * rows &&
+          k > 0 && n > 0) {
         const size_t bytes = cblas_sgemm_pack_get_size(kBMatrix, int(rows), int(n), int(k));
         packed_ = at::empty({int64_t((bytes + sizeof(float) - 1) / sizeof(float))}, at::kFloat);
         cblas_sgemm_pack(kRowMajor, kBMatrix, b.trans ? kTrans : kNoTrans, int(rows), int(n), int(k), 1.f, b.data,

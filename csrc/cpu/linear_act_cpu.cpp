@@ -81,7 +81,7 @@ void forward_kernel(const T* x, const T* w, const T* b, T* out, int64_t m, int64
   if (kVectorized<T> && use_chunks(m, n * k * int64_t(sizeof(T)))) {
     // One multithreaded GEMM per chunk of rows, then the epilogue on all threads while the chunk
     // is still in the last-level cache.
-    const SharedB<T> wt({w, k, /*trans=*/true}, std::min(m, kChunkRows), k, n);
+    const SharedB<T> wt({w, k, /*trans=*/true}, m, std::min(m, kChunkRows), k, n);
     for (int64_t c0 = 0; c0 < m; c0 += kChunkRows) {
       const int64_t r = std::min(kChunkRows, m - c0);
       wt.gemm(r, {x + c0 * k, k}, out + c0 * n, n);
@@ -179,8 +179,8 @@ void backward_chunked(const T* g, const T* x, const T* w, const T* b, const T* y
   std::vector<acc_t> db_part(db != nullptr ? threads * n : 0), db_acc(db != nullptr ? n : 0, acc_t(0));
   const bool recompute = sign_mask == nullptr && y == nullptr;
   std::optional<SharedB<T>> wt, w_for_dx;  // W packed once for all chunks, for each GEMM that needs it
-  if (recompute) wt.emplace(Mat<T>{w, k, /*trans=*/true}, chunk, k, n);
-  if (dx != nullptr) w_for_dx.emplace(Mat<T>{w, k}, chunk, n, k);
+  if (recompute) wt.emplace(Mat<T>{w, k, /*trans=*/true}, m, chunk, k, n);
+  if (dx != nullptr) w_for_dx.emplace(Mat<T>{w, k}, m, chunk, n, k);
   for (int64_t c0 = 0; c0 < m; c0 += chunk) {
     const int64_t r = std::min(chunk, m - c0);
     if (recompute) wt->gemm(r, {x + c0 * k, k}, dz, n);
