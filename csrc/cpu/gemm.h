@@ -93,8 +93,8 @@ void gemm(int64_t m, int64_t n, int64_t k, Mat<T> a, Mat<T> b, T* c, int64_t ldc
 // (8192, 1024, 1024) in 1024-row chunks that is W packed 8 times. Here float packs it once (MKL's
 // cblas_sgemm_pack, single-threaded) for chunks of `rows` rows when at least two full chunks use
 // it; a single chunk is cheaper as a plain GEMM, which packs on all threads (batch 128 through
-// 1024x1024 layers: a training step took 1.27x as long packed). Other types, other chunk heights or a BLAS without
-// packing use gemm().
+// 1024x1024 layers: a training step took 1.27x as long packed). Other types, other chunk heights
+// or a BLAS without packing use gemm().
 template <typename T>
 class SharedB {
  public:
