@@ -10,9 +10,15 @@ see the same machine load): the two loss curves agree to float32 rounding,
 and the fused run's time is printed next to the eager one. Writes ``train_digits.png`` (loss
 curves, their difference, test accuracy) and ``train_digits.json`` to ``--out``.
 
-    python examples/train_digits.py                 # ~10-30 s on a 2-core CPU
-    python examples/train_digits.py --quick         # a few seconds
-    python examples/train_digits.py --activation sigmoid --epochs 30 --threads 1
+The default is full-batch training (all 1438 training images per step) of a narrow MLP
+64-128-128-10: on a CPU, fusion removes the elementwise passes over the (batch, width)
+activations, which is what costs when layers are narrow next to the batch (here the fused step
+ran at 1.12× eager's speed on 2 cores). With wide layers and small batches the GEMMs dominate and
+the two run alike: ``--batch-size 128 --hidden 1024 1024`` gave 1.01×.
+
+    python examples/train_digits.py                 # ~1 s on a 2-core CPU
+    python examples/train_digits.py --quick         # a smoke run
+    python examples/train_digits.py --batch-size 128 --hidden 1024 1024 --epochs 12 --lr 0.05
 """
 
 from __future__ import annotations
@@ -161,23 +167,24 @@ def plot(result: dict, path: Path) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="3 epochs (a smoke run of a few seconds)")
-    p.add_argument("--epochs", type=int, help="default 12 (3 with --quick)")
-    p.add_argument("--hidden", type=int, nargs="+", default=[1024, 1024], help="hidden widths (default 1024 1024)")
+    p.add_argument("--quick", action="store_true", help="40 epochs (a smoke run)")
+    p.add_argument("--epochs", type=int, help="default 200 (40 with --quick)")
+    p.add_argument("--hidden", type=int, nargs="+", default=[128, 128], help="hidden widths (default 128 128)")
     p.add_argument("--activation", choices=tuple(ACT), default="relu")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--batch-size", type=int, help="samples per step (default: the whole training set)")
+    p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
     p.add_argument("--no-plot", action="store_true")
     args = p.parse_args(argv)
-    epochs = args.epochs or (3 if args.quick else 12)
+    epochs = args.epochs or (40 if args.quick else 200)
     if args.threads:
         torch.set_num_threads(args.threads)
 
     data = load_digits(args.seed)
     sizes = [data[0].shape[1], *args.hidden, 10]
+    args.batch_size = args.batch_size or len(data[0])
 
     torch.manual_seed(args.seed)
     eager = make_model(sizes, args.activation)

@@ -39,7 +39,9 @@ def test_train_digits(tmp_path, capsys, keep_threads):
     assert example.main(["--quick", "--hidden", "128", "64", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "train_digits.json").read_text())
     eager, fused = result["eager"], result["fused"]
-    assert result["epochs"] == 3 and len(eager["losses"]) == len(fused["losses"]) == 3 * 12  # 1438 / 128
+    # --quick: 40 full-batch steps (the default batch is the whole training set)
+    assert result["epochs"] == 40 and result["batch_size"] == 1438
+    assert len(eager["losses"]) == len(fused["losses"]) == 40
     # same seed, same batches: the curves agree to float32 rounding, and the model learns
     assert result["max_loss_diff"] < 1e-3
     assert eager["losses"][-1] < 0.8 * eager["losses"][0] and fused["test_accuracy"][-1] > 0.4
@@ -56,8 +58,10 @@ def test_train_digits_fuses_sigmoid_layers(tmp_path):
     assert [type(m).__name__ for m in model] == ["FusedLinearSigmoid", "Identity", "FusedLinearSigmoid",
                                                  "Identity", "Linear"]
     assert example.main(["--quick", "--epochs", "1", "--hidden", "32", "--activation", "sigmoid", "--no-plot",
-                         "--out", str(tmp_path)]) == 0
+                         "--batch-size", "128", "--out", str(tmp_path)]) == 0
     assert not (tmp_path / "train_digits.png").exists()
+    result = json.loads((tmp_path / "train_digits.json").read_text())
+    assert result["batch_size"] == 128 and len(result["fused"]["losses"]) == 12  # ceil(1438 / 128) steps
 
 
 def test_vanishing_gradients(tmp_path):
