@@ -97,11 +97,12 @@ void forward_kernel(const T* x, const T* w, const T* b, T* out, int64_t m, int64
   }
   const int64_t rows = panel_rows(m, (k + n) * int64_t(sizeof(T)), n * k * int64_t(sizeof(T)));
   const int64_t panels = (m + rows - 1) / rows;
+  const SharedB<T> wt({w, k, /*trans=*/true}, m, rows, k, n);
   at::parallel_for(0, panels, panel_grain(rows, k, n), [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t r0 = p * rows, r = std::min(rows, m - r0);
       T* out_p = out + r0 * n;
-      gemm<T>(r, n, k, {x + r0 * k, k}, {w, k, /*trans=*/true}, out_p, n);
+      wt.gemm(r, {x + r0 * k, k}, out_p, n);
       bias_act_rows<T, A>(out_p, b, r, n);
     }
   });
@@ -157,6 +158,17 @@ void form_dz(T* dz, const T* g, const T* y, const uint8_t* sign_mask, const T* b
   }
 }
 
+// W packed once (SharedB) for the backward's GEMMs that multiply by it, over row blocks of `rows`:
+// the recomputed pre-activation x·Wᵀ (under recompute) and dx = dz·W (when dx is wanted).
+template <typename T>
+struct BackwardWeights {
+  std::optional<SharedB<T>> wt, w;
+  BackwardWeights(const T* weight, bool recompute, bool want_dx, int64_t m, int64_t rows, int64_t k, int64_t n) {
+    if (recompute) wt.emplace(Mat<T>{weight, k, /*trans=*/true}, m, rows, k, n);
+    if (want_dx) w.emplace(Mat<T>{weight, k}, m, rows, n, k);
+  }
+};
+
 // Scratch memory for n elements of T, left uninitialised (a zero-filled std::vector costs a
 // memset per call, which shows at small layers: 512x128x128 spent 1/5 of its backward there).
 template <typename T>
@@ -182,12 +194,10 @@ void backward_chunked(const T* g, const T* x, const T* w, const T* b, const T* y
   using acc_t = at::opmath_type<T>;
   std::vector<acc_t> db_part(db != nullptr ? threads * n : 0), db_acc(db != nullptr ? n : 0, acc_t(0));
   const bool recompute = sign_mask == nullptr && y == nullptr;
-  std::optional<SharedB<T>> wt, w_for_dx;  // W packed once for all chunks, for each GEMM that needs it
-  if (recompute) wt.emplace(Mat<T>{w, k, /*trans=*/true}, m, chunk, k, n);
-  if (dx != nullptr) w_for_dx.emplace(Mat<T>{w, k}, m, chunk, n, k);
+  const BackwardWeights<T> ws(w, recompute, dx != nullptr, m, chunk, k, n);
   for (int64_t c0 = 0; c0 < m; c0 += chunk) {
     const int64_t r = std::min(chunk, m - c0);
-    if (recompute) wt->gemm(r, {x + c0 * k, k}, dz, n);
+    if (recompute) ws.wt->gemm(r, {x + c0 * k, k}, dz, n);
     if (db != nullptr) std::fill(db_part.begin(), db_part.end(), acc_t(0));
     at::parallel_for(0, r, elementwise_grain(n), [&](int64_t i0, int64_t i1) {
       form_dz<T, A>(dz + i0 * n, g + (c0 + i0) * n, y, sign_mask, b, c0 + i0, i1 - i0, n);
@@ -197,7 +207,7 @@ void backward_chunked(const T* g, const T* x, const T* w, const T* b, const T* y
       map_row(n, []<typename M, typename V>(V s, V v) { return s + v; }, db_acc.data(), db_acc.data(),
               db_part.data() + t * n);
     }
-    if (dx != nullptr) w_for_dx->gemm(r, {dz, n}, dx + c0 * k, k);
+    if (dx != nullptr) ws.w->gemm(r, {dz, n}, dx + c0 * k, k);
     if (dw != nullptr) gemm<T>(n, k, r, {dz, n, /*trans=*/true}, {x + c0 * k, k}, dw, k, /*accumulate=*/c0 > 0);
   }
   if (db != nullptr) std::copy(db_acc.begin(), db_acc.end(), db);
@@ -229,6 +239,8 @@ void backward_kernel(const T* g, const T* x, const T* w, const T* b, const T* y,
   auto dw_of = [&](int64_t tid) { return tid == 0 ? dw : dw_acc + (tid - 1) * n * k; };
   std::vector<char> dw_started(threads, 0);
   std::vector<acc_t> db_part(db != nullptr ? panels * n : 0, acc_t(0));
+  const bool recompute = sign_mask == nullptr && y == nullptr;
+  const BackwardWeights<T> ws(w, recompute, dx != nullptr, m, rows, k, n);
 
   at::parallel_for(0, panels, panel_grain(rows, k, n), [&](int64_t p0, int64_t p1) {
     const int64_t tid = at::get_thread_num();
@@ -236,10 +248,10 @@ void backward_kernel(const T* g, const T* x, const T* w, const T* b, const T* y,
       const int64_t r0 = p * rows, r = std::min(rows, m - r0);
       T* dz = keep_dz ? dz_store + r0 * n : dz_store + tid * rows * n;
       const T* g_p = g + r0 * n;
-      if (sign_mask == nullptr && y == nullptr) gemm<T>(r, n, k, {x + r0 * k, k}, {w, k, /*trans=*/true}, dz, n);
+      if (recompute) ws.wt->gemm(r, {x + r0 * k, k}, dz, n);
       form_dz<T, A>(dz, g + r0 * n, y, sign_mask, b, r0, r, n);
       if (db != nullptr) add_column_sums(db_part.data() + p * n, dz, r, n);
-      if (dx != nullptr) gemm<T>(r, k, n, {dz, n}, {w, k}, dx + r0 * k, k);
+      if (dx != nullptr) ws.w->gemm(r, {dz, n}, dx + r0 * k, k);
       if (per_thread_dw) {
         gemm<T>(n, k, r, {dz, n, /*trans=*/true}, {x + r0 * k, k}, dw_of(tid), k, /*accumulate=*/dw_started[tid]);
         dw_started[tid] = 1;
