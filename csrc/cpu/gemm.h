@@ -88,14 +88,15 @@ void gemm(int64_t m, int64_t n, int64_t k, Mat<T> a, Mat<T> b, T* c, int64_t ldc
   }
 }
 
-// C = op(A) · op(B) for the row blocks (chunks, or panels on several threads at once) of an
-// (m x k) op(A) that share one op(B), e.g. a layer's weight. A plain GEMM call packs B into the
-// BLAS's internal layout every time: for (8192, 1024, 1024) in 1024-row chunks that is W packed 8
-// times, at (16384, 256, 256) in 256-row panels 64 times (6 % of the forward's samples in perf).
-// Here float packs it once (MKL's cblas_sgemm_pack, single-threaded) for blocks of `rows` rows
-// when at least two full blocks use it; a single chunk is cheaper as a plain GEMM, which packs on
-// all threads (batch 128 through 1024x1024 layers: a training step took 1.27x as long packed).
-// Other types, other block heights or a BLAS without packing use gemm().
+// C = op(A) · op(B) for the row chunks of an (m x k) op(A) that share one op(B), e.g. a layer's
+// weight. A plain GEMM call packs B into the BLAS's internal layout every time: for
+// (8192, 1024, 1024) in 1024-row chunks that is W packed 8 times. Here float packs it once (MKL's
+// cblas_sgemm_pack, single-threaded) for chunks of `rows` rows when at least two full chunks use
+// it; a single chunk is cheaper as a plain GEMM, which packs on all threads (batch 128 through
+// 1024x1024 layers: a training step took 1.27x as long packed). Other types, other chunk heights
+// or a BLAS without packing use gemm(). (The per-thread row panels do not use it: in isolation a
+// shared packed W looked 5 % faster at (16384, 256, 256), but inside the benchmark's run, among
+// the other providers, the forward took 1.2-1.5x as long at 65536x64x64 and 16384x256x256.)
 template <typename T>
 class SharedB {
  public:

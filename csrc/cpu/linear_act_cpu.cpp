@@ -97,12 +97,11 @@ void forward_kernel(const T* x, const T* w, const T* b, T* out, int64_t m, int64
   }
   const int64_t rows = panel_rows(m, (k + n) * int64_t(sizeof(T)), n * k * int64_t(sizeof(T)));
   const int64_t panels = (m + rows - 1) / rows;
-  const SharedB<T> wt({w, k, /*trans=*/true}, m, rows, k, n);
   at::parallel_for(0, panels, panel_grain(rows, k, n), [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t r0 = p * rows, r = std::min(rows, m - r0);
       T* out_p = out + r0 * n;
-      wt.gemm(r, {x + r0 * k, k}, out_p, n);
+      gemm<T>(r, n, k, {x + r0 * k, k}, {w, k, /*trans=*/true}, out_p, n);
       bias_act_rows<T, A>(out_p, b, r, n);
     }
   });
@@ -158,8 +157,8 @@ void form_dz(T* dz, const T* g, const T* y, const uint8_t* sign_mask, const T* b
   }
 }
 
-// W packed once (SharedB) for the backward's GEMMs that multiply by it, over row blocks of `rows`:
-// the recomputed pre-activation x·Wᵀ (under recompute) and dx = dz·W (when dx is wanted).
+// W packed once (SharedB) for the chunked backward's GEMMs that multiply by it: the recomputed
+// pre-activation x·Wᵀ (under recompute) and dx = dz·W (when dx is wanted).
 template <typename T>
 struct BackwardWeights {
   std::optional<SharedB<T>> wt, w;
@@ -240,7 +239,6 @@ void backward_kernel(const T* g, const T* x, const T* w, const T* b, const T* y,
   std::vector<char> dw_started(threads, 0);
   std::vector<acc_t> db_part(db != nullptr ? panels * n : 0, acc_t(0));
   const bool recompute = sign_mask == nullptr && y == nullptr;
-  const BackwardWeights<T> ws(w, recompute, dx != nullptr, m, rows, k, n);
 
   at::parallel_for(0, panels, panel_grain(rows, k, n), [&](int64_t p0, int64_t p1) {
     const int64_t tid = at::get_thread_num();
@@ -248,10 +246,10 @@ void backward_kernel(const T* g, const T* x, const T* w, const T* b, const T* y,
       const int64_t r0 = p * rows, r = std::min(rows, m - r0);
       T* dz = keep_dz ? dz_store + r0 * n : dz_store + tid * rows * n;
       const T* g_p = g + r0 * n;
-      if (recompute) ws.wt->gemm(r, {x + r0 * k, k}, dz, n);
+      if (recompute) gemm<T>(r, n, k, {x + r0 * k, k}, {w, k, /*trans=*/true}, dz, n);
       form_dz<T, A>(dz, g + r0 * n, y, sign_mask, b, r0, r, n);
       if (db != nullptr) add_column_sums(db_part.data() + p * n, dz, r, n);
-      if (dx != nullptr) ws.w->gemm(r, {dz, n}, dx + r0 * k, k);
+      if (dx != nullptr) gemm<T>(r, k, n, {dz, n}, {w, k}, dx + r0 * k, k);
       if (per_thread_dw) {
         gemm<T>(n, k, r, {dz, n, /*trans=*/true}, {x + r0 * k, k}, dw_of(tid), k, /*accumulate=*/dw_started[tid]);
         dw_started[tid] = 1;
