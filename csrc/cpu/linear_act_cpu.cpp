@@ -9,8 +9,9 @@
 //             dW   += dz_pᵀ · x_p                         per-thread accumulators (float, double);
 //                                                         16-bit: dz is kept, dW = dzᵀ·x is one GEMM
 // For float and double, a W larger than L2 (streamed once per panel) or few rows send both passes
-// to row chunks with multithreaded GEMMs instead (use_chunks). Our reductions have a fixed order
-// for a given thread count, so with a given BLAS the results are deterministic.
+// to row chunks with multithreaded GEMMs instead (use_chunks; float packs W once for all chunks,
+// SharedB in gemm.h). Our reductions have a fixed order for a given thread count, so with a given
+// BLAS the results are deterministic.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
