@@ -13,8 +13,9 @@ curves, their difference, test accuracy) and ``train_digits.json`` to ``--out``.
 The default is full-batch training (all 1438 training images per step) of a narrow MLP
 64-128-128-10: on a CPU, fusion removes the elementwise passes over the (batch, width)
 activations, which is what costs when layers are narrow next to the batch (here the fused step
-ran at 1.12× eager's speed on 2 cores). With wide layers and small batches the GEMMs dominate and
-the two run alike: ``--batch-size 128 --hidden 1024 1024`` gave 1.01×.
+ran at 1.04-1.18× eager's speed over 5 runs on 2 cores, median 1.09×). With wide layers and small
+batches the GEMMs dominate and the two run alike: ``--batch-size 128 --hidden 1024 1024`` gave
+1.00-1.02×.
 
     python examples/train_digits.py                 # ~1 s on a 2-core CPU
     python examples/train_digits.py --quick         # a smoke run
