@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 import fused_backprop as fb
+from fused_backprop.bench.plots import pyplot
 from fused_backprop.bench.report import save_example
 
 DEFAULT_OUT = Path("results") / "examples"
@@ -113,10 +114,9 @@ def warm_up(model, data, batch_size: int) -> None:
     nn.functional.cross_entropy(model(x), y).backward()
 
 
-def plot(result: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def plot(result: dict):
+    """The figure of a result (saved by save_example)."""
+    plt = pyplot()
 
     eager, fused = result["eager"], result["fused"]
     steps = range(1, len(eager["losses"]) + 1)
@@ -161,9 +161,7 @@ def plot(result: dict, path: Path) -> None:
                  f"{fused['median_step_ms']:.1f} ms (fused {result['speedup']:.2f}× eager's speed)"
                  f"  [{result['threads']} threads]", fontsize=10.5)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
 def main(argv=None) -> int:

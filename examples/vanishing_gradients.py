@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 import fused_backprop as fb
+from fused_backprop.bench.plots import pyplot
 from fused_backprop.bench.report import save_example
 
 DEFAULT_OUT = Path("results") / "examples"
@@ -77,10 +78,9 @@ def gradient_norms(mlp: fb.FusedMLP, x, y) -> dict:
                 activation_grad=[out.grad.pow(2).mean().sqrt().item() for out in outputs])
 
 
-def plot(result: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def plot(result: dict):
+    """The figure of a result (saved by save_example)."""
+    plt = pyplot()
     from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.6))
@@ -108,9 +108,7 @@ def plot(result: dict, path: Path) -> None:
                  f"(fb.FusedMLP), one batch of {result['batch']} scikit-learn digits, at initialization",
                  fontsize=11)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
 def main(argv=None) -> int:

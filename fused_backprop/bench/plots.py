@@ -14,7 +14,8 @@ STYLE = {"eager": dict(color="black", marker="s"), "compile": dict(color="tab:or
 BACKEND_COLORS = ["tab:blue", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:cyan", "tab:olive"]
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the non-interactive Agg backend (files only)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -41,8 +42,28 @@ def _label(shape):
     return "×".join(map(str, shape))
 
 
+def save_figure(fig, path: Path, **savefig_kwargs) -> Path:
+    """Writes ``fig`` to ``path`` (folders made, 110 dpi) and closes it; the bench's plots and the
+    examples' figures all end here."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, **savefig_kwargs)
+    pyplot().close(fig)
+    return path
+
+
+def _finish(fig, axes, title: str, path: Path) -> Path:
+    """One legend above a grid of panels (one row per mode), the title, and the file."""
+    rows = len(axes)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", ncol=min(len(labels), 6), frameon=False,
+               bbox_to_anchor=(0.5, 1.0 - 0.02 / rows))
+    fig.suptitle(title, y=1.0 + 0.05 / rows, fontsize=11)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.1 / rows))
+    return save_figure(fig, path, bbox_inches="tight")
+
+
 def plot_times(rows: list, path: Path, title: str) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.ticker import FuncFormatter, LogLocator
     modes, activations, shapes, providers, backends = _grid(rows)
     fig, axes = plt.subplots(len(modes), len(activations), squeeze=False, sharex=True,
@@ -74,19 +95,11 @@ def plot_times(rows: list, path: Path, title: str) -> Path:
                 ax.set_ylabel("median time per call (ms)")
             if i == len(modes) - 1:
                 ax.set_xlabel("M × K × N   (x: M×K, W: N×K)")
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="upper center", ncol=min(len(labels), 6), frameon=False,
-               bbox_to_anchor=(0.5, 1.0 - 0.02 / len(modes)))
-    fig.suptitle(title, y=1.0 + 0.05 / len(modes), fontsize=11)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.1 / len(modes)))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return _finish(fig, axes, title, path)
 
 
 def plot_speedups(rows: list, path: Path, title: str) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     modes, activations, shapes, providers, backends = _grid(rows)
     from matplotlib.ticker import FuncFormatter, LogLocator
     shown = [p for p in providers if p != "eager"]
@@ -121,16 +134,7 @@ def plot_speedups(rows: list, path: Path, title: str) -> Path:
             ax.grid(True, axis="y", alpha=0.3)
             if j == 0:
                 ax.set_ylabel("speed-up over eager (log scale)")
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="upper center", ncol=min(len(labels), 6), frameon=False,
-               bbox_to_anchor=(0.5, 1.0 - 0.02 / len(modes)))
-    fig.suptitle(title + "  —  eager time ÷ provider time (> 1 = faster than eager PyTorch)",
-                 y=1.0 + 0.05 / len(modes), fontsize=11)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.1 / len(modes)))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return _finish(fig, axes, title + "  —  eager time ÷ provider time (> 1 = faster than eager PyTorch)", path)
 
 
 def plot_all(rows: list, out_dir: Path, titles: dict) -> list:

@@ -79,14 +79,15 @@ def _json_safe(value):
 
 
 def save_example(out: Path, name: str, result: dict, plot=None) -> list:
-    """An example's outputs: ``out/name.json`` and, when ``plot`` is given, ``out/name.png`` drawn
-    by ``plot(result, path)``. Prints and returns the paths written."""
+    """An example's outputs: ``out/name.json`` and, when ``plot`` is given, ``out/name.png``:
+    the matplotlib figure that ``plot(result)`` returns. Prints and returns the paths written."""
     out.mkdir(parents=True, exist_ok=True)
     written = [out / f"{name}.json"]
     written[0].write_text(json.dumps(_json_safe(result), indent=1) + "\n")
     if plot is not None:
-        written.append(out / f"{name}.png")
-        plot(result, written[-1])
+        from .plots import save_figure
+
+        written.append(save_figure(plot(result), out / f"{name}.png"))
     print("wrote " + ", ".join(map(str, written)))
     return written
 
