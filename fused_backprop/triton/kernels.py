@@ -271,6 +271,25 @@ def _xwT_tile(x_ptr, w_ptr, offs_m, offs_n, M, N, K, stride_xm, stride_xk, strid
     return acc
 
 
+@triton.jit
+def _preact_tile(x_ptr, w_ptr, b_ptr, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, stride_b,
+                 HAS_BIAS: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                 EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 GROUP: tl.constexpr):
+    """This program's tile of the pre-activation z = x W^T + b (ACC_DTYPE, in registers), with its
+    row and column offsets and the (M, N) bounds mask: the forward and the recompute dZ kernel."""
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    z = _xwT_tile(x_ptr, w_ptr, offs_m, offs_n, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk,
+                  ACC_DTYPE, INPUT_PRECISION, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K)
+    mask_n = offs_n < N
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + offs_n * stride_b, mask=mask_n, other=0.0).to(ACC_DTYPE)
+        z = z + bias[None, :]
+    return z, offs_m, offs_n, (offs_m < M)[:, None] & mask_n[None, :]
+
+
 _EVEN_K = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
 
 
@@ -289,18 +308,11 @@ def _linear_act_forward_kernel(
     EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP: tl.constexpr,
 ):
-    pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP)
-    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = _xwT_tile(x_ptr, w_ptr, offs_m, offs_n, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk,
-                    ACC_DTYPE, INPUT_PRECISION, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K)
-    mask_n = offs_n < N
-    # Epilogue, on the accumulator in registers: + bias, activation, one store.
-    if HAS_BIAS:
-        bias = tl.load(b_ptr + offs_n * stride_b, mask=mask_n, other=0.0).to(ACC_DTYPE)
-        acc = acc + bias[None, :]
-    y = _activation(acc, ACT)
-    mask = (offs_m < M)[:, None] & mask_n[None, :]
+    z, offs_m, offs_n, mask = _preact_tile(x_ptr, w_ptr, b_ptr, M, N, K, stride_xm, stride_xk, stride_wn,
+                                           stride_wk, stride_b, HAS_BIAS, ACC_DTYPE, INPUT_PRECISION, EVEN_K,
+                                           BLOCK_M, BLOCK_N, BLOCK_K, GROUP)
+    # Epilogue, on the accumulator in registers: activation, one store.
+    y = _activation(z, ACT)
     tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
              y.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -321,16 +333,9 @@ def _linear_act_backward_dz_kernel(
     GROUP: tl.constexpr,
 ):
     """recompute=True: z = x W^T + b recomputed tile by tile; the epilogue forms dZ = dY * act'(z)."""
-    pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP)
-    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    z = _xwT_tile(x_ptr, w_ptr, offs_m, offs_n, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk,
-                  ACC_DTYPE, INPUT_PRECISION, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K)
-    mask_n = offs_n < N
-    if HAS_BIAS:
-        bias = tl.load(b_ptr + offs_n * stride_b, mask=mask_n, other=0.0).to(ACC_DTYPE)
-        z = z + bias[None, :]
-    mask = (offs_m < M)[:, None] & mask_n[None, :]
+    z, offs_m, offs_n, mask = _preact_tile(x_ptr, w_ptr, b_ptr, M, N, K, stride_xm, stride_xk, stride_wn,
+                                           stride_wk, stride_b, HAS_BIAS, ACC_DTYPE, INPUT_PRECISION, EVEN_K,
+                                           BLOCK_M, BLOCK_N, BLOCK_K, GROUP)
     dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn, mask=mask, other=0.0)
     dz = dy.to(ACC_DTYPE) * _activation_grad(z, False, ACT)
     tl.store(dz_ptr + offs_m[:, None] * stride_dzm + offs_n[None, :] * stride_dzn,
