@@ -211,6 +211,27 @@ __device__ __forceinline__ void fetch_tile(const Op& op, TileRegs<BR, BK, NT, T>
 // FMA kernel) or r-major (S[r*LDS + k], the WMMA kernel): from the registers fetch_tile filled
 // (a vector that runs along the smem row is one 16-byte shared store), or, without `vec`,
 // straight from global memory element by element.
+// split-K: block z reduces [begin, end) of the reduction (split_len is a multiple of BK, so no
+// tile straddles two chunks; the operands are masked at `end` all the same). The GEMM kernels'
+// shared set-up.
+template <class AOp, class BOp>
+struct SplitKSlice {
+  int64_t begin, end;
+  AOp a;
+  BOp b;
+};
+
+template <class AOp, class BOp>
+__device__ __forceinline__ SplitKSlice<AOp, BOp> split_k_slice(const AOp& a, const BOp& b, int64_t split_len,
+                                                               int64_t red) {
+  const int64_t begin = static_cast<int64_t>(blockIdx.z) * split_len;
+  const int64_t end = begin + split_len < red ? begin + split_len : red;
+  SplitKSlice<AOp, BOp> s{begin, end, a, b};
+  s.a.red = end;
+  s.b.red = end;
+  return s;
+}
+
 template <int BR, int BK, int NT, bool SMEM_KMAJOR, int LDS, class Op, typename T>
 __device__ __forceinline__ void store_tile(const Op& op, const TileRegs<BR, BK, NT, T>& t, T* __restrict__ S,
                                            int64_t r0, int64_t k0, int tid) {
@@ -368,14 +389,7 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MIN_BLOCKS)
 #pragma unroll
     for (int j = 0; j < C::TN; ++j) acc[i][j] = Acc(0);
 
-  // split-K: block z reduces [k_begin, k_end) (split_len is a multiple of BK, so no tile
-  // straddles two chunks; the operands are masked at k_end all the same)
-  const int64_t k_begin = static_cast<int64_t>(blockIdx.z) * split_len;
-  const int64_t k_end = k_begin + split_len < red ? k_begin + split_len : red;
-  AOp al = a;
-  BOp bl = b;
-  al.red = k_end;
-  bl.red = k_end;
+  const auto [k_begin, k_end, al, bl] = split_k_slice(a, b, split_len, red);
   const auto e = epi.for_split(blockIdx.z);
 
   TileRegs<C::BM, C::BK, C::NT, T> ta;
@@ -463,12 +477,7 @@ __global__ void __launch_bounds__(WmmaConfig::NT)
 #pragma unroll
     for (int j = 0; j < FN; ++j) wmma::fill_fragment(fc[i][j], 0.0f);
 
-  const int64_t k_begin = static_cast<int64_t>(blockIdx.z) * split_len;
-  const int64_t k_end = k_begin + split_len < red ? k_begin + split_len : red;
-  AOp al = a;
-  BOp bl = b;
-  al.red = k_end;
-  bl.red = k_end;
+  const auto [k_begin, k_end, al, bl] = split_k_slice(a, b, split_len, red);
   const auto e = epi.for_split(blockIdx.z);
 
   TileRegs<C::BM, C::BK, C::NT, T> ta;
