@@ -158,17 +158,6 @@ void form_dz(T* dz, const T* g, const T* y, const uint8_t* sign_mask, const T* b
   }
 }
 
-// W packed once (SharedB) for the chunked backward's GEMMs that multiply by it: the recomputed
-// pre-activation x·Wᵀ (under recompute) and dx = dz·W (when dx is wanted).
-template <typename T>
-struct BackwardWeights {
-  std::optional<SharedB<T>> wt, w;
-  BackwardWeights(const T* weight, bool recompute, bool want_dx, int64_t m, int64_t rows, int64_t k, int64_t n) {
-    if (recompute) wt.emplace(Mat<T>{weight, k, /*trans=*/true}, m, rows, k, n);
-    if (want_dx) w.emplace(Mat<T>{weight, k}, m, rows, n, k);
-  }
-};
-
 // Scratch memory for n elements of T, left uninitialised (a zero-filled std::vector costs a
 // memset per call, which shows at small layers: 512x128x128 spent 1/5 of its backward there).
 template <typename T>
@@ -194,10 +183,13 @@ void backward_chunked(const T* g, const T* x, const T* w, const T* b, const T* y
   using acc_t = at::opmath_type<T>;
   std::vector<acc_t> db_part(db != nullptr ? threads * n : 0), db_acc(db != nullptr ? n : 0, acc_t(0));
   const bool recompute = sign_mask == nullptr && y == nullptr;
-  const BackwardWeights<T> ws(w, recompute, dx != nullptr, m, chunk, k, n);
+  // W packed once for the GEMMs that multiply by it: x·Wᵀ under recompute, dx = dz·W.
+  std::optional<SharedB<T>> wt, w_for_dx;
+  if (recompute) wt.emplace(Mat<T>{w, k, /*trans=*/true}, m, chunk, k, n);
+  if (dx != nullptr) w_for_dx.emplace(Mat<T>{w, k}, m, chunk, n, k);
   for (int64_t c0 = 0; c0 < m; c0 += chunk) {
     const int64_t r = std::min(chunk, m - c0);
-    if (recompute) ws.wt->gemm(r, {x + c0 * k, k}, dz, n);
+    if (recompute) wt->gemm(r, {x + c0 * k, k}, dz, n);
     if (db != nullptr) std::fill(db_part.begin(), db_part.end(), acc_t(0));
     at::parallel_for(0, r, elementwise_grain(n), [&](int64_t i0, int64_t i1) {
       form_dz<T, A>(dz + i0 * n, g + (c0 + i0) * n, y, sign_mask, b, c0 + i0, i1 - i0, n);
@@ -207,7 +199,7 @@ void backward_chunked(const T* g, const T* x, const T* w, const T* b, const T* y
       map_row(n, []<typename M, typename V>(V s, V v) { return s + v; }, db_acc.data(), db_acc.data(),
               db_part.data() + t * n);
     }
-    if (dx != nullptr) ws.w->gemm(r, {dz, n}, dx + c0 * k, k);
+    if (dx != nullptr) w_for_dx->gemm(r, {dz, n}, dx + c0 * k, k);
     if (dw != nullptr) gemm<T>(n, k, r, {dz, n, /*trans=*/true}, {x + c0 * k, k}, dw, k, /*accumulate=*/c0 > 0);
   }
   if (db != nullptr) std::copy(db_acc.begin(), db_acc.end(), db);
