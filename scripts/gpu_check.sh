@@ -7,7 +7,9 @@
 #   SKIP_BUILD=1 scripts/gpu_check.sh
 #   PY=python3 scripts/gpu_check.sh # another interpreter (default: .venv/bin/python, else python3)
 #
-# Writes benchmarks/results/cuda_gpu.csv and prints the table; the log of each step goes to stdout.
+# The benchmark is the project's CLI on the GPU (cuda and triton backends, every dtype, forward,
+# backward and forward+backward, with and without recompute): it prints the tables and writes
+# benchmarks/results/cuda/ (bench.csv, bench.json, PNGs); the log of each step goes to stdout.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -41,4 +43,5 @@ echo "== tests"
 "$PY" -m pytest -q -rs tests/test_cuda_gpu.py tests/test_cuda_static.py tests/test_cuda_harness.py
 
 echo "== benchmark"
-"$PY" benchmarks/bench_cuda.py --csv benchmarks/results/cuda_gpu.csv "$@"
+"$PY" -m fused_backprop.bench --device cuda --dtypes float32,float16,bfloat16,float64 --modes all \
+  --recompute both --out benchmarks/results/cuda "$@"
