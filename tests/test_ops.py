@@ -125,6 +125,17 @@ def test_backward_is_deterministic():
             assert torch.equal(a, e)
 
 
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_forward_panels_share_packed_weight(activation):
+    """float32 forward over per-thread row panels with W of at least 256 x 256 packs W once for all
+    panels: here 2600 rows in 12 panels of 217, the last one (213 rows) through the plain GEMM.
+    Checked against float64 from the same inputs."""
+    x, w, b = sample_inputs(2600, 256, 260, dtype=torch.float32)
+    out = ops.linear_act_fwd(x, w, b, activation)
+    want = torch_backend.forward(x.double(), w.double(), b.double(), activation)
+    assert_close(out, want, torch.float32)
+
+
 @pytest.mark.parametrize("activation,saved", [("relu", "out"), ("relu", "recompute"), ("relu", "mask"),
                                               ("sigmoid", "out"), ("sigmoid", "recompute")])
 @pytest.mark.parametrize("dtype,k", [(torch.float64, 400), (torch.float32, 700)])  # W: 1.3 MB, 1.15 MB

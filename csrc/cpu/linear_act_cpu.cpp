@@ -9,9 +9,9 @@
 //             dW   += dz_pᵀ · x_p                         per-thread accumulators (float, double);
 //                                                         16-bit: dz is kept, dW = dzᵀ·x is one GEMM
 // For float and double, a W larger than L2 (streamed once per panel) or few rows send both passes
-// to row chunks with multithreaded GEMMs instead (use_chunks; float packs W once for all chunks,
-// SharedB in gemm.h). Our reductions have a fixed order for a given thread count, so with a given
-// BLAS the results are deterministic.
+// to row chunks with multithreaded GEMMs instead (use_chunks). The forward (and the backward's
+// chunks) pack a float W once for all panels or chunks (SharedB in gemm.h). Our reductions have
+// a fixed order for a given thread count, so with a given BLAS the results are deterministic.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -98,11 +98,12 @@ void forward_kernel(const T* x, const T* w, const T* b, T* out, int64_t m, int64
   }
   const int64_t rows = panel_rows(m, (k + n) * int64_t(sizeof(T)), n * k * int64_t(sizeof(T)));
   const int64_t panels = (m + rows - 1) / rows;
+  const SharedB<T> wt({w, k, /*trans=*/true}, m, rows, k, n);
   at::parallel_for(0, panels, panel_grain(rows, k, n), [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t r0 = p * rows, r = std::min(rows, m - r0);
       T* out_p = out + r0 * n;
-      gemm<T>(r, n, k, {x + r0 * k, k}, {w, k, /*trans=*/true}, out_p, n);
+      wt.gemm(r, {x + r0 * k, k}, out_p, n);
       bias_act_rows<T, A>(out_p, b, r, n);
     }
   });
