@@ -127,7 +127,7 @@ def test_backward_is_deterministic():
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_forward_panels_share_packed_weight(activation):
-    """float32 forward over per-thread row panels with W of at least 256 x 256 packs W once for all
+    """float32 forward over per-thread row panels with both sides of W at least 256 packs W once for all
     panels: here 2600 rows in 12 panels of 217, the last one (213 rows) through the plain GEMM.
     Checked against float64 from the same inputs."""
     x, w, b = sample_inputs(2600, 256, 260, dtype=torch.float32)

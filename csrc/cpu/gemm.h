@@ -92,12 +92,13 @@ void gemm(int64_t m, int64_t n, int64_t k, Mat<T> a, Mat<T> b, T* c, int64_t ldc
 // layer's weight. A plain GEMM call packs B into the BLAS's internal layout every time: for
 // (8192, 1024, 1024) in 1024-row chunks that is W packed 8 times, for (16384, 256, 256) in 256-row
 // panels 64 times. Here float packs it once (MKL's cblas_sgemm_pack, single-threaded) for blocks
-// of `rows` rows when at least two full blocks use it and W has at least 256 x 256 elements. A
+// of `rows` rows when at least two full blocks use it and both of W's sides are at least 256. A
 // single block is cheaper as a plain GEMM, which packs on all threads (batch 128 through
 // 1024x1024 layers: a training step took 1.27x as long packed); so are small weights, where MKL's
 // plain sgemm has a faster path (forward over per-thread panels, packed vs plain, relu:
-// 65536x64x64 1.20x, 32768x128x128 1.05x, 16384x256x256 0.96x, 8192x512x512 0.98x). Other types,
-// other block heights or a BLAS without packing use gemm().
+// 65536x64x64 1.20x, 32768x128x128 1.05x, 16384x1024x64 1.02x, 32768x256x128 0.99x, 16384x256x256
+// 0.96x, 8192x256x1024 0.98x, 8192x512x512 0.98x). Other types, other block heights or a BLAS
+// without packing use gemm().
 template <typename T>
 class SharedB {
  public:
@@ -105,7 +106,7 @@ class SharedB {
     if constexpr (std::is_same_v<T, float>) {
       const bool fits = detail::fits_int(rows) && detail::fits_int(k) && detail::fits_int(n) && detail::fits_int(b.ld);
       if (cblas_sgemm_pack != nullptr && cblas_sgemm_compute != nullptr && fits && rows > 0 && m >= 2 * rows &&
-          k * n >= kMinPackedElements) {
+          std::min(k, n) >= kMinPackedDim) {
         const size_t bytes = cblas_sgemm_pack_get_size(kBMatrix, int(rows), int(n), int(k));
         packed_ = at::empty({int64_t((bytes + sizeof(float) - 1) / sizeof(float))}, at::kFloat);
         cblas_sgemm_pack(kRowMajor, kBMatrix, b.trans ? kTrans : kNoTrans, int(rows), int(n), int(k), 1.f, b.data,
@@ -127,7 +128,7 @@ class SharedB {
   }
 
  private:
-  static constexpr int64_t kMinPackedElements = 256 * 256;
+  static constexpr int64_t kMinPackedDim = 256;
   enum : int { kRowMajor = 101, kNoTrans = 111, kTrans = 112, kPacked = 151, kBMatrix = 162 };
   Mat<T> b_;
   int64_t rows_, k_, n_;
