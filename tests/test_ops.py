@@ -127,13 +127,15 @@ def test_backward_is_deterministic():
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_forward_panels_share_packed_weight(activation):
-    """float32 forward over per-thread row panels with both sides of W at least 256 packs W once for all
-    panels: here 2600 rows in 12 panels of 217, the last one (213 rows) through the plain GEMM.
-    Checked against float64 from the same inputs."""
-    x, w, b = sample_inputs(2600, 256, 260, dtype=torch.float32)
-    out = ops.linear_act_fwd(x, w, b, activation)
-    want = torch_backend.forward(x.double(), w.double(), b.double(), activation)
-    assert_close(out, want, torch.float32)
+    """float32 forward over per-thread row panels with both sides of W at least 256 packs W once for
+    all panels: 2600 rows in 12 panels of 217, the last one (213 rows) through the plain GEMM. The
+    packed buffer is kept for the next call, so calls with a larger and then a smaller W reuse it.
+    Each checked against float64 from the same inputs."""
+    for k, n in [(256, 260), (300, 280), (256, 260)]:
+        x, w, b = sample_inputs(2600, k, n, dtype=torch.float32)
+        out = ops.linear_act_fwd(x, w, b, activation)
+        want = torch_backend.forward(x.double(), w.double(), b.double(), activation)
+        assert_close(out, want, torch.float32)
 
 
 @pytest.mark.parametrize("activation,saved", [("relu", "out"), ("relu", "recompute"), ("relu", "mask"),
