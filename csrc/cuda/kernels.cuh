@@ -207,10 +207,6 @@ __device__ __forceinline__ void fetch_tile(const Op& op, TileRegs<BR, BK, NT, T>
   }
 }
 
-// Stores the tile of `op` at (r0, k0) to shared memory S, laid out k-major (S[k*LDS + r], the
-// FMA kernel) or r-major (S[r*LDS + k], the WMMA kernel): from the registers fetch_tile filled
-// (a vector that runs along the smem row is one 16-byte shared store), or, without `vec`,
-// straight from global memory element by element.
 // split-K: block z reduces [begin, end) of the reduction (split_len is a multiple of BK, so no
 // tile straddles two chunks; the operands are masked at `end` all the same). The GEMM kernels'
 // shared set-up.
@@ -232,6 +228,10 @@ __device__ __forceinline__ SplitKSlice<AOp, BOp> split_k_slice(const AOp& a, con
   return s;
 }
 
+// Stores the tile of `op` at (r0, k0) to shared memory S, laid out k-major (S[k*LDS + r], the
+// FMA kernel) or r-major (S[r*LDS + k], the WMMA kernel): from the registers fetch_tile filled
+// (a vector that runs along the smem row is one 16-byte shared store), or, without `vec`,
+// straight from global memory element by element.
 template <int BR, int BK, int NT, bool SMEM_KMAJOR, int LDS, class Op, typename T>
 __device__ __forceinline__ void store_tile(const Op& op, const TileRegs<BR, BK, NT, T>& t, T* __restrict__ S,
                                            int64_t r0, int64_t k0, int tid) {
