@@ -241,7 +241,7 @@ void backward_kernel(const T* g, const T* x, const T* w, const T* b, const T* y,
       T* dz = keep_dz ? dz_store + r0 * n : dz_store + tid * rows * n;
       const T* g_p = g + r0 * n;
       if (recompute) gemm<T>(r, n, k, {x + r0 * k, k}, {w, k, /*trans=*/true}, dz, n);
-      form_dz<T, A>(dz, g + r0 * n, y, sign_mask, b, r0, r, n);
+      form_dz<T, A>(dz, g_p, y, sign_mask, b, r0, r, n);
       if (db != nullptr) add_column_sums(db_part.data() + p * n, dz, r, n);
       if (dx != nullptr) gemm<T>(r, k, n, {dz, n}, {w, k}, dx + r0 * k, k);
       if (per_thread_dw) {
