@@ -3,6 +3,7 @@ toolkit and a CUDA build of torch are present.
 
 FUSED_BACKPROP_CUDA=auto (default) | 0 | 1. ``auto`` looks only for the toolkit and torch's CUDA
 build, never for a visible GPU; ``1`` fails when they are missing; ``0`` builds CPU only.
+FUSED_BACKPROP_CPU_LEVELS narrows the SIMD levels the CPU kernels are built for (cpu_levels).
 """
 
 import glob
@@ -40,34 +41,88 @@ def cuda_include_dirs() -> list:
     return sorted(set(d for d in dirs if os.path.isdir(d)))
 
 
-def cpu_capability_flags() -> list:
-    """SIMD level for at::vec in the CPU kernels: the best one the build host runs, as ATen names
-    them (override with FUSED_BACKPROP_CPU_CAPABILITY=DEFAULT|AVX2|AVX512). The extension is
-    built where it runs, so the host's level is the right one; DEFAULT runs anywhere."""
-    flags = set()
-    if os.path.exists("/proc/cpuinfo"):
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    best = ("AVX512" if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"} <= flags
-            else "AVX2" if {"avx2", "fma"} <= flags else "DEFAULT")
-    level = os.environ.get("FUSED_BACKPROP_CPU_CAPABILITY", best).upper()
-    table = {
-        "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"],
-        "AVX2": ["-mavx2", "-mfma"],
-        "DEFAULT": [],
-    }
-    if level not in table:
-        sys.exit(f"FUSED_BACKPROP_CPU_CAPABILITY must be one of {list(table)}, got {level!r}")
-    if level == "DEFAULT":
-        return []
-    return table[level] + [f"-DCPU_CAPABILITY={level}", f"-DCPU_CAPABILITY_{level}"]
+# The SIMD levels the CPU kernels are compiled for, lowest first, with the flags ATen gives its
+# own kernels at each level (cmake/Codegen.cmake). csrc/cpu/kernels_<LEVEL>.cpp is compiled with
+# them; the level that runs is chosen at run time (csrc/cpu/dispatch.cpp), so one build runs on
+# every CPU of the architecture.
+CPU_LEVELS = {
+    "DEFAULT": [],
+    "AVX2": ["-mavx2", "-mfma", "-mf16c", "-mno-avx256-split-unaligned-load", "-mno-avx256-split-unaligned-store"],
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"],
+}
+
+
+def cpu_levels() -> list:
+    """DEFAULT, and on x86-64 AVX2 and AVX512 too. FUSED_BACKPROP_CPU_LEVELS=DEFAULT,AVX2 (say)
+    builds fewer; DEFAULT is always built, it is what runs where nothing better does."""
+    import platform
+
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    levels = list(CPU_LEVELS) if x86 else ["DEFAULT"]
+    asked = os.environ.get("FUSED_BACKPROP_CPU_LEVELS")
+    if asked:
+        wanted = {w.strip().upper() for w in asked.split(",") if w.strip()}
+        unknown = wanted - set(levels)
+        if unknown:
+            sys.exit(f"FUSED_BACKPROP_CPU_LEVELS: {sorted(unknown)} not among the levels of this architecture, {levels}")
+        levels = [lv for lv in levels if lv == "DEFAULT" or lv in wanted]
+    return levels
+
+
+def level_of(source: str):
+    """The SIMD level a kernels_<LEVEL>.cpp source is compiled for, else None."""
+    name = os.path.basename(source)
+    for level in CPU_LEVELS:
+        if name == f"kernels_{level}.cpp":
+            return level
+    return None
+
+
+def level_flags(level: str) -> list:
+    return CPU_LEVELS[level] + [f"-DCPU_CAPABILITY={level}", f"-DCPU_CAPABILITY_{level}"]
+
+
+class BuildExtension(cpp_extension.BuildExtension):
+    """torch's BuildExtension (ninja) plus per-source flags for the kernels_<LEVEL>.cpp files:
+    each build line of such a file in the generated build.ninja gets its level's flags appended,
+    so ninja compiles all sources in parallel and rebuilds a level when its flags change."""
+
+    def build_extensions(self):
+        if not self.use_ninja:
+            sys.exit("fused_backprop needs ninja to build (pip install ninja): the per-SIMD-level "
+                     "kernel files get their own compiler flags through build.ninja")
+        write = cpp_extension._write_ninja_file
+
+        def write_with_levels(path, **kwargs):
+            write(path, **kwargs)
+            with open(path) as f:
+                lines = f.read().splitlines()
+            out = []
+            for line in lines:
+                out.append(line)
+                if line.startswith("build ") and ": compile " in line:
+                    level = level_of(line.split(": compile ", 1)[1].strip())
+                    if level is not None:
+                        out.append("  post_cflags = $post_cflags " + " ".join(level_flags(level)))
+            with open(path, "w") as f:
+                f.write("\n".join(out) + "\n")
+
+        cpp_extension._write_ninja_file = write_with_levels
+        try:
+            super().build_extensions()
+        finally:
+            cpp_extension._write_ninja_file = write
 
 
 def extension():
-    sources = _rel(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")) + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
-    cxx = ["-O3", "-std=c++20", "-fopenmp"] + cpu_capability_flags()
+    levels = cpu_levels()
+    # Link order matters: the linker keeps the first copy of an inline function that several
+    # objects define (std::vector's, at::Tensor's), so the baseline objects and then the levels
+    # in ascending order come first, and the copy that every CPU runs is the one kept.
+    base = [p for p in glob.glob(os.path.join(ROOT, "csrc", "*.cpp")) + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp"))
+            if level_of(p) is None]
+    sources = _rel(base) + [os.path.join("csrc", "cpu", f"kernels_{level}.cpp") for level in levels]
+    cxx = ["-O3", "-std=c++20", "-fopenmp"] + [f"-DFUSED_BACKPROP_HAVE_{level}" for level in levels]
     kwargs = dict(include_dirs=[os.path.join(ROOT, "csrc")], extra_link_args=["-fopenmp"])
     cuda_sources = _rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")) +
                         glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp")))
@@ -87,5 +142,5 @@ def extension():
 setup(
     packages=find_packages(include=["fused_backprop", "fused_backprop.*"]),
     ext_modules=[extension()],
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

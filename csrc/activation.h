@@ -62,4 +62,13 @@ struct Act<Activation::Sigmoid> {
   }
 };
 
+// Calls f.template operator()<Activation::X>() for the runtime activation.
+template <typename F>
+decltype(auto) dispatch_activation(Activation act, F&& f) {
+  if (act == Activation::ReLU) {
+    return f.template operator()<Activation::ReLU>();
+  }
+  return f.template operator()<Activation::Sigmoid>();
+}
+
 }  // namespace fused_backprop

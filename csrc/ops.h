@@ -34,13 +34,4 @@ Activation check_backward_args(const at::Tensor& grad_out, const at::Tensor& x,
 // Whether linear_act_bwd's out is a packed sign mask rather than the layer output.
 bool is_sign_mask(const std::optional<at::Tensor>& out);
 
-// Calls f.template operator()<Activation::X>() for the runtime activation.
-template <typename F>
-decltype(auto) dispatch_activation(Activation act, F&& f) {
-  if (act == Activation::ReLU) {
-    return f.template operator()<Activation::ReLU>();
-  }
-  return f.template operator()<Activation::Sigmoid>();
-}
-
 }  // namespace fused_backprop

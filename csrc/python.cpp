@@ -13,6 +13,8 @@
 #include <optional>
 #include <tuple>
 
+#include "cpu/kernels.h"
+
 namespace {
 
 using OptTensor = std::optional<at::Tensor>;
@@ -51,4 +53,6 @@ std::tuple<OptTensor, OptTensor, OptTensor> linear_act_bwd(const at::Tensor& gra
 PYBIND11_MODULE(_C, m) {
   m.def("linear_act_fwd", &linear_act_fwd, py::call_guard<py::gil_scoped_release>());
   m.def("linear_act_bwd", &linear_act_bwd, py::call_guard<py::gil_scoped_release>());
+  m.def("cpu_capability", [] { return std::string(fused_backprop::cpu::kernels().level); },
+        "The SIMD level the CPU kernels run.");
 }

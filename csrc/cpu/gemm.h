@@ -23,7 +23,7 @@ void cblas_sgemm_compute(int, int, int, int, int, int, const float*, int, const 
     __attribute__((weak));
 }
 
-namespace fused_backprop::cpu {
+namespace fused_backprop::cpu::CPU_CAPABILITY {
 
 // A row-major operand: element (i, j) of op(A) is at data[i * ld + j], or data[j * ld + i] when
 // transposed.
@@ -131,7 +131,7 @@ class SharedB {
         return;
       }
     }
-    fused_backprop::cpu::gemm<T>(m, n_, k_, a, b_, c, ldc);
+    CPU_CAPABILITY::gemm<T>(m, n_, k_, a, b_, c, ldc);
   }
 
  private:
@@ -162,4 +162,4 @@ class SharedB {
   std::vector<float> packed_;
 };
 
-}  // namespace fused_backprop::cpu
+}  // namespace fused_backprop::cpu::CPU_CAPABILITY

@@ -1,9 +1,12 @@
 // Row-wise elementwise passes of the CPU kernels, SIMD-wide through at::vec.
 //
-// map_row(n, f, out, in...) runs out[j] = f(in[j]...) over one contiguous row. For float and
-// double f sees at::vec::Vectorized values and the VecMath policy; for 16-bit types it sees
-// floats and ScalarMath. f is a generic lambda `[]<typename M, typename V>(V a, ...)`, so the
-// activation formulas of activation.h are written once and run both ways.
+// map_row(n, f, out, in...) runs out[j] = f(in[j]...) over one contiguous row. f sees
+// at::vec::Vectorized values of the compute type (float for bfloat16/float16, whose rows are
+// converted to float and back on the fly) and the VecMath policy. f is a generic lambda
+// `[]<typename M, typename V>(V a, ...)`, so the activation formulas of activation.h are written
+// once and run SIMD-wide at every level.
+//
+// Compiled once per SIMD level (kernels_impl.h): everything here lives in the level's namespace.
 #pragma once
 
 #include <ATen/OpMathType.h>
@@ -11,41 +14,54 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <cmath>
+#include <tuple>
 #include <type_traits>
-#if defined(CPU_CAPABILITY_AVX512)
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
 #include <immintrin.h>
 #endif
 
 #include "activation.h"
 
-namespace fused_backprop::cpu {
+namespace fused_backprop::cpu::CPU_CAPABILITY {
 
-// e^v, SIMD-wide. ATen's Vectorized::exp (Sleef, 1 ULP) in general; for AVX-512 float, a
-// shorter and more accurate sequence (Tang's table method): v = (32k + j) ln2/32 + r, so
-// e^v = 2^k · 2^(j/32) · e^r with |r| <= ln2/64, where e^r needs only a cubic. 2^(j/32) comes from
-// a 32-entry table in two registers (vpermt2ps); its float rounding is folded into r (r -= the
-// entry's log error), so the table is effectively exact. vscalefps applies 2^k, giving inf,
-// denormals and 0 at the ends without special cases. Max error 0.53 ULP (checked against float64
-// at 8M points of [-87.3, 88.7]; Sleef 0.57, Cephes' polynomial 1.0); sigmoid built on it takes
-// 0.25 ns per element (one core, 64K floats in L2) against Cephes' 0.27 and Sleef's 0.33.
+// e^v, SIMD-wide. ATen's Vectorized::exp (Sleef, 1 ULP) at DEFAULT; for AVX2 and AVX-512 float,
+// a shorter sequence (Tang's table method): v = (Nk + j) ln2/N + r, so e^v = 2^k · 2^(j/N) · e^r
+// with |r| <= ln2/(2N), where e^r needs only a short polynomial. 2^(j/N) comes from a table held
+// in registers (AVX-512: N = 32 in two registers, vpermt2ps; AVX2: N = 8 in one, vpermps); its
+// float rounding is folded into r (r -= the entry's log error), so the table is effectively
+// exact. AVX-512: a cubic, vscalefps applies 2^k (inf, denormals and 0 at the ends without special
+// cases); max error 0.53 ULP (checked against float64 at 8M points of [-87.3, 88.7]; Sleef 0.57,
+// Cephes' polynomial 1.0), sigmoid on it 0.25 ns per element (one core, 64K floats in L2) against
+// Cephes' 0.27 and Sleef's 0.33. AVX2: a quartic, and 2^k as two exponent-built factors (each a
+// normal float), so denormal results are rounded once and overflow gives inf.
 template <typename V>
 inline V vec_exp(V v) {
   return v.exp();
 }
 
-#if defined(CPU_CAPABILITY_AVX512)
-struct ExpTable {
-  alignas(64) float pow2[32];     // 2^(j/32) rounded to float
-  alignas(64) float log_err[32];  // ln(pow2[j]) - j ln2/32
-  ExpTable() {
-    for (int j = 0; j < 32; ++j) {
-      pow2[j] = static_cast<float>(std::exp2(j / 32.0));
-      log_err[j] = static_cast<float>(std::log(static_cast<double>(pow2[j])) - j * std::log(2.0) / 32);
-    }
-  }
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+// 2^(j/32) rounded to float, and ln(that float) - j ln2/32 (computed in double). Constants, not
+// computed at load time: a dynamic initializer in this file would run, compiled for this level,
+// on every CPU that loads the library.
+alignas(64) constexpr float kExpPow2[32] = {
+    0x1.0p+0f,      0x1.059b0ep+0f, 0x1.0b5586p+0f, 0x1.11301ep+0f, 0x1.172b84p+0f, 0x1.1d4874p+0f,
+    0x1.2387a6p+0f, 0x1.29e9ep+0f,  0x1.306fep+0f,  0x1.371a74p+0f, 0x1.3dea64p+0f, 0x1.44e086p+0f,
+    0x1.4bfdaep+0f, 0x1.5342b6p+0f, 0x1.5ab07ep+0f, 0x1.6247ecp+0f, 0x1.6a09e6p+0f, 0x1.71f75ep+0f,
+    0x1.7a1148p+0f, 0x1.82589ap+0f, 0x1.8ace54p+0f, 0x1.93737cp+0f, 0x1.9c4918p+0f, 0x1.a5503cp+0f,
+    0x1.ae89fap+0f, 0x1.b7f77p+0f,  0x1.c199bep+0f, 0x1.cb720ep+0f, 0x1.d5818ep+0f, 0x1.dfc974p+0f,
+    0x1.ea4afap+0f, 0x1.f50766p+0f,
 };
-inline const ExpTable kExpTable;
+alignas(64) constexpr float kExpLogErr[32] = {
+    0.0f,            0x1.947416p-25f,  -0x1.8d96d4p-25f, 0x1.dda2fep-25f,  0x1.9c0c22p-27f,  0x1.a2fbb4p-25f,
+    -0x1.964902p-25f, 0x1.2b0dbcp-25f, -0x1.125002p-25f, 0x1.cde8cep-26f,  -0x1.370be4p-25f, -0x1.336de4p-30f,
+    0x1.0a3552p-25f,  0x1.c541b6p-26f, 0x1.00d8acp-27f,  0x1.6cb284p-25f,  -0x1.26055cp-26f, -0x1.8b2bb8p-26f,
+    0x1.05cb44p-25f,  0x1.1c2142p-26f, -0x1.67a1cap-28f, 0x1.348e56p-25f,  -0x1.a3b5e4p-28f, 0x1.0b7ec8p-25f,
+    0x1.f9c306p-27f,  0x1.e4c886p-26f, 0x1.6961b4p-28f,  0x1.b5151ep-28f,  0x1.a5217cp-28f,  0x1.ab7132p-26f,
+    -0x1.61428ep-28f, 0x1.2ad5f8p-27f,
+};
+#endif
 
+#if defined(CPU_CAPABILITY_AVX512)
 inline at::vec::Vectorized<float> vec_exp(at::vec::Vectorized<float> v) {
   auto c = [](float f) { return _mm512_set1_ps(f); };
   auto lookup = [](const float* table, __m512i j) {  // table[j mod 32]
@@ -60,12 +76,41 @@ inline at::vec::Vectorized<float> vec_exp(at::vec::Vectorized<float> v) {
   const __m512 n = _mm512_sub_ps(shifted, magic);
   __m512 r = _mm512_fnmadd_ps(n, c(0.02166748046875f), x);  // ln2/32 in two parts (Cody-Waite)
   r = _mm512_fnmadd_ps(n, c(-6.631076250e-6f), r);
-  r = _mm512_sub_ps(r, lookup(kExpTable.log_err, j));
+  r = _mm512_sub_ps(r, lookup(kExpLogErr, j));
   // e^r - 1 = r (1 + r (1/2 + r/6)) within 6e-10 relative for |r| <= ln2/64.
   const __m512 q = _mm512_mul_ps(_mm512_fmadd_ps(_mm512_fmadd_ps(r, c(1.f / 6), c(0.5f)), r, c(1.f)), r);
-  const __m512 t = lookup(kExpTable.pow2, j);
+  const __m512 t = lookup(kExpPow2, j);
   // vscalefps multiplies by 2^floor(n/32) = 2^k.
   return _mm512_scalef_ps(_mm512_fmadd_ps(t, q, t), _mm512_mul_ps(n, c(1.f / 32)));
+}
+#elif defined(CPU_CAPABILITY_AVX2)
+inline at::vec::Vectorized<float> vec_exp(at::vec::Vectorized<float> v) {
+  auto c = [](float f) { return _mm256_set1_ps(f); };
+  // The 8-entry tables are every fourth entry of the 32-entry ones: 2^(j/8) = 2^(4j/32).
+  auto table8 = [](const float* t) { return _mm256_setr_ps(t[0], t[4], t[8], t[12], t[16], t[20], t[24], t[28]); };
+  // Clamp to where e^v is 0 / inf anyway; vmaxps/vminps return their second operand (v) for NaN.
+  const __m256 x = _mm256_min_ps(c(89.f), _mm256_max_ps(c(-104.f), v));
+  // n = round(8 v / ln2): adding 1.5 * 2^23 leaves n in the low mantissa bits; vpermps reads
+  // j = n mod 8 from the low three.
+  const __m256 magic = c(12582912.f);
+  const __m256 shifted = _mm256_fmadd_ps(x, c(11.541560327111707f), magic);
+  const __m256i bits = _mm256_castps_si256(shifted);
+  const __m256 n = _mm256_sub_ps(shifted, magic);
+  __m256 r = _mm256_fnmadd_ps(n, c(0.086669921875f), x);  // ln2/8 in two parts (Cody-Waite)
+  r = _mm256_fnmadd_ps(n, c(-2.6524305e-5f), r);
+  r = _mm256_sub_ps(r, _mm256_permutevar8x32_ps(table8(kExpLogErr), bits));
+  // e^r - 1 = r (1 + r (1/2 + r (1/6 + r/24))) within 1.3e-9 for |r| <= ln2/16.
+  __m256 q = _mm256_fmadd_ps(r, c(1.f / 24), c(1.f / 6));
+  q = _mm256_fmadd_ps(q, r, c(0.5f));
+  q = _mm256_mul_ps(_mm256_fmadd_ps(q, r, c(1.f)), r);
+  const __m256 t = _mm256_permutevar8x32_ps(table8(kExpPow2), bits);
+  const __m256 p = _mm256_fmadd_ps(t, q, t);
+  // k = floor(n / 8) in [-151, 128], applied as 2^(k/2) · 2^(k - k/2): both factors are normal
+  // floats, and p · 2^k1 is exact, so the result is rounded once.
+  const __m256i k = _mm256_srai_epi32(_mm256_sub_epi32(bits, _mm256_castps_si256(magic)), 3);
+  const __m256i k1 = _mm256_srai_epi32(k, 1), k2 = _mm256_sub_epi32(k, k1);
+  auto pow2i = [](__m256i e) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(e, _mm256_set1_epi32(127)), 23)); };
+  return _mm256_mul_ps(_mm256_mul_ps(p, pow2i(k1)), pow2i(k2));
 }
 #endif
 
@@ -79,12 +124,27 @@ struct VecMath {
   static V exp(V v) { return vec_exp(v); }
 };
 
+// bfloat16 and float16: stored 16-bit, computed in float.
 template <typename T>
-constexpr bool kVectorized = std::is_same_v<T, float> || std::is_same_v<T, double>;
+constexpr bool kReduced = at::vec::is_reduced_floating_point_v<T>;
 
 template <typename T, typename F, typename... In>
 inline void map_row(int64_t n, const F& f, T* out, const In*... in) {
-  if constexpr (kVectorized<T>) {
+  if constexpr (kReduced<T>) {
+    // A Vectorized<T> holds two Vectorized<float>: f runs on each half.
+    using V = at::vec::Vectorized<T>;
+    auto run = [&](int64_t j, int64_t count) {
+      const auto halves = std::make_tuple(at::vec::convert_to_float<T>(V::loadu(in + j, count))...);
+      auto half = [&]<size_t H>() {
+        return std::apply([&](const auto&... h) { return f.template operator()<VecMath>(std::get<H>(h)...); }, halves);
+      };
+      const V result = at::vec::convert_from_float<T>(half.template operator()<0>(), half.template operator()<1>());
+      result.store(out + j, static_cast<int>(count));
+    };
+    int64_t j = 0;
+    for (; j + V::size() <= n; j += V::size()) run(j, V::size());
+    if (j < n) run(j, n - j);
+  } else {
     using V = at::vec::Vectorized<T>;
     int64_t j = 0;
     for (; j + V::size() <= n; j += V::size()) {
@@ -93,11 +153,6 @@ inline void map_row(int64_t n, const F& f, T* out, const In*... in) {
     if (j < n) {
       f.template operator()<VecMath>(V::loadu(in + j, n - j)...).store(out + j, static_cast<int>(n - j));
     }
-  } else {
-    using acc_t = at::opmath_type<T>;
-    for (int64_t j = 0; j < n; ++j) {
-      out[j] = static_cast<T>(f.template operator()<ScalarMath>(static_cast<acc_t>(in[j])...));
-    }
   }
 }
 
@@ -105,14 +160,23 @@ inline void map_row(int64_t n, const F& f, T* out, const In*... in) {
 // type, rows in order: deterministic).
 template <typename T>
 inline void add_column_sums(at::opmath_type<T>* sums, const T* rows, int64_t m, int64_t n) {
+  using acc_t = at::opmath_type<T>;
+  using A = at::vec::Vectorized<acc_t>;
   for (int64_t i = 0; i < m; ++i) {
     const T* row = rows + i * n;
-    if constexpr (kVectorized<T>) {
-      map_row(n, []<typename M, typename V>(V s, V v) { return s + v; }, sums, sums, row);
+    if constexpr (kReduced<T>) {
+      using V = at::vec::Vectorized<T>;
+      int64_t j = 0;
+      for (; j + V::size() <= n; j += V::size()) {
+        const auto [lo, hi] = at::vec::convert_to_float<T>(V::loadu(row + j));
+        (A::loadu(sums + j) + lo).store(sums + j);
+        (A::loadu(sums + j + A::size()) + hi).store(sums + j + A::size());
+      }
+      for (; j < n; ++j) sums[j] += static_cast<acc_t>(row[j]);
     } else {
-      for (int64_t j = 0; j < n; ++j) sums[j] += static_cast<at::opmath_type<T>>(row[j]);
+      map_row(n, []<typename M, typename V>(V s, V v) { return s + v; }, sums, sums, row);
     }
   }
 }
 
-}  // namespace fused_backprop::cpu
+}  // namespace fused_backprop::cpu::CPU_CAPABILITY

@@ -1,0 +1,60 @@
+// The CPU kernels' interface: raw pointers, arguments already checked (linear_act_cpu.cpp).
+//
+// kernels_impl.h is compiled once per SIMD level (kernels_DEFAULT.cpp, kernels_AVX2.cpp,
+// kernels_AVX512.cpp; setup.py gives each ATen's flags for that level), each into its own
+// namespace fused_backprop::cpu::<LEVEL>, which defines a `const Kernels kernels` there.
+// kernels() returns the table of the level chosen once at run time: the one torch itself runs
+// (at::get_cpu_capability(), which honours ATEN_CPU_CAPABILITY), or the best one built below it.
+#pragma once
+
+#include <ATen/core/ScalarType.h>
+
+#include <cstdint>
+
+#include "activation.h"
+
+namespace fused_backprop::cpu {
+
+// out (m, n) = act(x (m, k) · w (n, k)ᵀ + b (n)).
+struct ForwardArgs {
+  at::ScalarType dtype;
+  Activation act;
+  const void *x, *w, *b;
+  void* out;
+  int64_t m, k, n;
+};
+
+// dx (m, k), dw (n, k), db (n) of the layer from grad_out g (m, n), each null when not wanted.
+// The derivative comes from the layer output y (m, n), or relu's packed sign mask, or (both null)
+// from the pre-activation, recomputed.
+struct BackwardArgs {
+  at::ScalarType dtype;
+  Activation act;
+  const void *g, *x, *w, *b, *y;
+  const uint8_t* sign_mask;
+  int64_t m, k, n;
+  void *dx, *dw, *db;
+};
+
+struct Kernels {
+  const char* level;  // "DEFAULT", "AVX2", "AVX512"
+  void (*forward)(const ForwardArgs&);
+  void (*backward)(const BackwardArgs&);
+  // bytes[j] bit i = !(y[8j + i] <= 0) for the numel elements of y (of type dtype).
+  void (*sign_mask_pack)(at::ScalarType dtype, const void* y, int64_t numel, uint8_t* bytes);
+};
+
+// Each level's table (defined by kernels_impl.h in kernels_<LEVEL>.cpp; only the levels setup.py
+// built exist, and it says which with -DFUSED_BACKPROP_HAVE_<LEVEL>).
+namespace DEFAULT { extern const Kernels kernels; }
+namespace AVX2 { extern const Kernels kernels; }
+namespace AVX512 { extern const Kernels kernels; }
+
+// The kernels of the level chosen at run time, on first use.
+const Kernels& kernels();
+
+// This machine's per-core L2 cache in bytes (1 MiB when the OS does not say), read once: the
+// panel and weight-size thresholds of the kernels scale with it.
+int64_t l2_cache_bytes();
+
+}  // namespace fused_backprop::cpu

@@ -1,0 +1,364 @@
+// The CPU kernels on raw pointers, compiled once per SIMD level: kernels_<LEVEL>.cpp includes
+// this file and setup.py compiles it with that level's flags and -DCPU_CAPABILITY=<LEVEL>, so
+// everything here (and in gemm.h, rowwise.h) lives in namespace fused_backprop::cpu::<LEVEL> and
+// two levels never share a symbol. No argument checks here: linear_act_cpu.cpp (compiled once)
+// checks, allocates and calls kernels(), the table of the level chosen at run time.
+//
+// Both kernels walk the rows in panels sized to stay in L2, one panel per task of
+// at::parallel_for, and finish each panel while it is still in cache:
+//   forward   out_p = act(x_p · Wᵀ + b)                 GEMM, then bias + activation in place
+//   backward  dz_p  = g_p ⊙ act'(y_p)                    (or act'(x_p · Wᵀ + b) under recompute)
+//             db   += column sums of dz_p                 per-panel partials, summed in order
+//             dx_p  = dz_p · W                            GEMM on the cached panel
+//             dW   += dz_pᵀ · x_p                         per-thread accumulators (float, double);
+//                                                         16-bit: dz is kept, dW = dzᵀ·x is one GEMM
+// For float and double, a W larger than L2 (streamed once per panel) or few rows send both passes
+// to row chunks with multithreaded GEMMs instead (use_chunks). The forward (and the backward's
+// chunks) pack a float W once for all panels or chunks (SharedB in gemm.h). Our reductions have
+// a fixed order for a given thread count, so with a given BLAS the results are deterministic.
+#pragma once
+
+#if !defined(CPU_CAPABILITY)
+#error "kernels_impl.h is compiled per SIMD level: setup.py defines CPU_CAPABILITY for kernels_<LEVEL>.cpp"
+#endif
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstring>
+#include <optional>
+#include <vector>
+
+#include "cpu/gemm.h"
+#include "cpu/kernels.h"
+#include "cpu/rowwise.h"
+
+namespace fused_backprop::cpu::CPU_CAPABILITY {
+
+// Bytes of one panel's working set that should stay in (a share of) L2.
+constexpr int64_t kPanelBytes = 256 * 1024;
+constexpr int64_t kL2Bytes = 1024 * 1024;
+// Rows per chunk when W outgrows L2 (forward, backward_chunked): big enough for efficient
+// multithreaded GEMMs, small enough that the backward's chunk of dz is no (M, N) buffer.
+constexpr int64_t kChunkRows = 1024;
+
+// Panels per parallel task: a task gets at least kMinTaskMacs multiply-adds, so a small layer
+// runs on the calling thread (waking the pool costs more than it saves, and far more when the
+// machine is busy: 64x16x8 took 11.8 ms with 2 threads on a loaded machine, 0.06 ms eager).
+constexpr int64_t kMinTaskMacs = int64_t(1) << 20;
+int64_t panel_grain(int64_t rows, int64_t k, int64_t n) {
+  return std::max<int64_t>(1, kMinTaskMacs / std::max<int64_t>(1, rows * std::max<int64_t>(k, 1) * n));
+}
+
+// Rows (or columns) of `width` elements per task of an elementwise pass: at least ATen's grain of
+// 32768 elements, so small passes stay on the calling thread.
+int64_t elementwise_grain(int64_t width) { return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(width, 1)); }
+
+// Row chunks with multithreaded GEMMs (instead of per-thread panels) when W outgrows L2, where
+// panels would stream W once each, and when there are too few rows for panels to beat one
+// multithreaded GEMM (measured at M <= 512, 256 <= K, N <= 1024: per-thread panels 1.01-1.15x
+// eager's time).
+bool use_chunks(int64_t m, int64_t weight_bytes) { return weight_bytes > kL2Bytes || m <= kChunkRows; }
+
+// Rows per panel. While W fits in L2, panels of about kPanelBytes (at most that, or 256 rows) keep
+// each panel's rows in cache between the GEMM and the elementwise work; their number is a multiple
+// of the thread count, so every thread gets as many rows (1438 rows in 512-row panels were 3
+// panels: one thread idle a third of the time, fused 1.1x slower than eager). A larger W (16-bit
+// types; float and double take row chunks) would be streamed again for every panel, so then each
+// thread takes one panel (forward at (8192, 1024, 1024): 128-row panels 1.18x addmm, one per
+// thread 1.03x).
+int64_t panel_rows(int64_t m, int64_t row_bytes, int64_t weight_bytes) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t per_thread = (m + threads - 1) / threads;
+  if (weight_bytes > kL2Bytes) return std::max<int64_t>(1, per_thread);
+  const int64_t rows = std::min(per_thread, std::max<int64_t>(256, kPanelBytes / std::max<int64_t>(row_bytes, 1)));
+  const int64_t panels = ((m + rows - 1) / rows + threads - 1) / threads * threads;
+  return std::max<int64_t>(1, (m + panels - 1) / panels);
+}
+
+template <typename T, Activation A>
+void bias_act_rows(T* out, const T* b, int64_t rows, int64_t n) {
+  for (int64_t i = 0; i < rows; ++i) {
+    map_row(n, []<typename M, typename V>(V z, V bias) { return Act<A>::template forward<V, M>(z + bias); },
+            out + i * n, out + i * n, b);
+  }
+}
+
+template <typename T, Activation A>
+void forward_kernel(const T* x, const T* w, const T* b, T* out, int64_t m, int64_t k, int64_t n) {
+  if (!kReduced<T> && use_chunks(m, n * k * int64_t(sizeof(T)))) {
+    // One multithreaded GEMM per chunk of rows, then the epilogue on all threads while the chunk
+    // is still in the last-level cache.
+    const SharedB<T> wt({w, k, /*trans=*/true}, m, std::min(m, kChunkRows), k, n);
+    for (int64_t c0 = 0; c0 < m; c0 += kChunkRows) {
+      const int64_t r = std::min(kChunkRows, m - c0);
+      wt.gemm(r, {x + c0 * k, k}, out + c0 * n, n);
+      at::parallel_for(0, r, elementwise_grain(n), [&](int64_t i0, int64_t i1) {
+        bias_act_rows<T, A>(out + (c0 + i0) * n, b, i1 - i0, n);
+      });
+    }
+    return;
+  }
+  const int64_t rows = panel_rows(m, (k + n) * int64_t(sizeof(T)), n * k * int64_t(sizeof(T)));
+  const int64_t panels = (m + rows - 1) / rows;
+  const SharedB<T> wt({w, k, /*trans=*/true}, m, rows, k, n);
+  at::parallel_for(0, panels, panel_grain(rows, k, n), [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t r0 = p * rows, r = std::min(rows, m - r0);
+      T* out_p = out + r0 * n;
+      wt.gemm(r, {x + r0 * k, k}, out_p, n);
+      bias_act_rows<T, A>(out_p, b, r, n);
+    }
+  });
+}
+
+// dz = g where the packed sign mask has its bit, else 0 (relu's derivative from the mask).
+// Whole bytes go 8 elements at a time: AVX-512 takes the bits as a lane mask directly, AVX2 turns
+// them into lanes with one compare, elsewhere a constant shift per lane becomes SIMD blends. The
+// unaligned head and the tail go one element at a time.
+template <typename T>
+void dz_from_sign_mask(T* dz, const T* g, const uint8_t* mask, int64_t first, int64_t n) {
+  auto one = [&](int64_t j) { dz[j] = (mask[(first + j) >> 3] >> ((first + j) & 7)) & 1 ? g[j] : T(0); };
+  int64_t j = 0;
+  for (; j < n && (first + j) % 8 != 0; ++j) one(j);
+#if defined(CPU_CAPABILITY_AVX512)
+  // 16 floats per 2 bytes, 8 doubles per byte.
+  if constexpr (std::is_same_v<T, float>) {
+    for (; j + 16 <= n; j += 16) {
+      uint16_t bits;
+      std::memcpy(&bits, mask + ((first + j) >> 3), 2);
+      _mm512_storeu_ps(dz + j, _mm512_maskz_loadu_ps(bits, g + j));
+    }
+  } else if constexpr (std::is_same_v<T, double>) {
+    for (; j + 8 <= n; j += 8) {
+      _mm512_storeu_pd(dz + j, _mm512_maskz_loadu_pd(mask[(first + j) >> 3], g + j));
+    }
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  // The byte broadcast to every lane, ANDed with the lane's bit: all ones where it is set.
+  if constexpr (std::is_same_v<T, float>) {
+    const __m256i lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    for (; j + 8 <= n; j += 8) {
+      const __m256i bits = _mm256_and_si256(_mm256_set1_epi32(mask[(first + j) >> 3]), lane_bit);
+      const __m256 keep = _mm256_castsi256_ps(_mm256_cmpeq_epi32(bits, lane_bit));
+      _mm256_storeu_ps(dz + j, _mm256_and_ps(_mm256_loadu_ps(g + j), keep));
+    }
+  } else if constexpr (std::is_same_v<T, double>) {
+    const __m256i lo_bit = _mm256_setr_epi64x(1, 2, 4, 8), hi_bit = _mm256_setr_epi64x(16, 32, 64, 128);
+    for (; j + 8 <= n; j += 8) {
+      const __m256i byte = _mm256_set1_epi64x(mask[(first + j) >> 3]);
+      auto half = [&](__m256i lane_bit, const T* src, T* dst) {
+        const __m256i keep = _mm256_cmpeq_epi64(_mm256_and_si256(byte, lane_bit), lane_bit);
+        _mm256_storeu_pd(dst, _mm256_and_pd(_mm256_loadu_pd(src), _mm256_castsi256_pd(keep)));
+      };
+      half(lo_bit, g + j, dz + j);
+      half(hi_bit, g + j + 4, dz + j + 4);
+    }
+  }
+#endif
+  for (; j + 8 <= n; j += 8) {
+    const uint8_t bits = mask[(first + j) >> 3];
+    for (int i = 0; i < 8; ++i) dz[j + i] = (bits >> i) & 1 ? g[j + i] : T(0);
+  }
+  for (; j < n; ++j) one(j);
+}
+
+// dz for rows [r0, r0 + r) into dz (which holds the pre-activation without bias when both y and
+// sign_mask are null): g ⊙ act'(·) from the layer output y, relu's packed sign mask, or z + b.
+template <typename T, Activation A>
+void form_dz(T* dz, const T* g, const T* y, const uint8_t* sign_mask, const T* b, int64_t r0, int64_t r, int64_t n) {
+  for (int64_t i = 0; i < r; ++i) {
+    T* dz_i = dz + i * n;
+    const T* g_i = g + i * n;
+    if (sign_mask != nullptr) {
+      dz_from_sign_mask(dz_i, g_i, sign_mask, (r0 + i) * n, n);
+    } else if (y != nullptr) {
+      map_row(n, []<typename M, typename V>(V go, V out) { return go * Act<A>::template grad_from_output<V, M>(out); },
+              dz_i, g_i, y + (r0 + i) * n);
+    } else {
+      map_row(n, []<typename M, typename V>(V z, V go, V bias) {
+                return go * Act<A>::template grad_from_preact<V, M>(z + bias);
+              },
+              dz_i, dz_i, g_i, b);
+    }
+  }
+}
+
+// Scratch memory for n elements of T, left uninitialised (a zero-filled std::vector costs a
+// memset per call, which shows at small layers: 512x128x128 spent 1/5 of its backward there).
+template <typename T>
+T* scratch(at::Tensor& holder, int64_t n) {
+  holder = at::empty({n}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+  return holder.mutable_data_ptr<T>();
+}
+
+// Backward when W outgrows L2 or there are few rows (float, double): the rows go in chunks; per
+// chunk, all threads form their rows of dz and their partial column sums for db while the rows
+// are in cache, then dx = dz·W and dW += dzᵀ·x run as multithreaded BLAS calls, which beat
+// per-thread panel GEMMs that stream W and a dW accumulator per panel (measured at
+// (8192, 1024, 1024): 1.13x two bare GEMMs with per-thread panels). Only one chunk of dz exists.
+template <typename T, Activation A>
+void backward_chunked(const T* g, const T* x, const T* w, const T* b, const T* y, const uint8_t* sign_mask,
+                      int64_t m, int64_t k, int64_t n, T* dx, T* dw, T* db) {
+  const int64_t chunk = std::min(m, kChunkRows);
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  at::Tensor dz_holder;
+  T* dz = scratch<T>(dz_holder, chunk * n);
+  // db: one partial per thread per chunk (each over a fixed block of rows), summed in thread
+  // order, so the result does not depend on scheduling.
+  using acc_t = at::opmath_type<T>;
+  std::vector<acc_t> db_part(db != nullptr ? threads * n : 0), db_acc(db != nullptr ? n : 0, acc_t(0));
+  const bool recompute = sign_mask == nullptr && y == nullptr;
+  // W packed once for the GEMMs that multiply by it: x·Wᵀ under recompute, dx = dz·W.
+  std::optional<SharedB<T>> wt, w_for_dx;
+  if (recompute) wt.emplace(Mat<T>{w, k, /*trans=*/true}, m, chunk, k, n);
+  if (dx != nullptr) w_for_dx.emplace(Mat<T>{w, k}, m, chunk, n, k);
+  for (int64_t c0 = 0; c0 < m; c0 += chunk) {
+    const int64_t r = std::min(chunk, m - c0);
+    if (recompute) wt->gemm(r, {x + c0 * k, k}, dz, n);
+    if (db != nullptr) std::fill(db_part.begin(), db_part.end(), acc_t(0));
+    at::parallel_for(0, r, elementwise_grain(n), [&](int64_t i0, int64_t i1) {
+      form_dz<T, A>(dz + i0 * n, g + (c0 + i0) * n, y, sign_mask, b, c0 + i0, i1 - i0, n);
+      if (db != nullptr) add_column_sums(db_part.data() + at::get_thread_num() * n, dz + i0 * n, i1 - i0, n);
+    });
+    for (int64_t t = 0; db != nullptr && t < threads; ++t) {
+      map_row(n, []<typename M, typename V>(V s, V v) { return s + v; }, db_acc.data(), db_acc.data(),
+              db_part.data() + t * n);
+    }
+    if (dx != nullptr) w_for_dx->gemm(r, {dz, n}, dx + c0 * k, k);
+    if (dw != nullptr) gemm<T>(n, k, r, {dz, n, /*trans=*/true}, {x + c0 * k, k}, dw, k, /*accumulate=*/c0 > 0);
+  }
+  if (db != nullptr) std::copy(db_acc.begin(), db_acc.end(), db);
+}
+
+// y: the layer output, or null to recompute the pre-activation; sign_mask: relu's packed mask
+// in place of y (then y is null).
+template <typename T, Activation A>
+void backward_kernel(const T* g, const T* x, const T* w, const T* b, const T* y, const uint8_t* sign_mask,
+                     int64_t m, int64_t k, int64_t n, T* dx, T* dw, T* db) {
+  using acc_t = at::opmath_type<T>;
+  if (!kReduced<T> && use_chunks(m, n * k * int64_t(sizeof(T)))) {
+    return backward_chunked<T, A>(g, x, w, b, y, sign_mask, m, k, n, dx, dw, db);
+  }
+  const int64_t rows = panel_rows(m, (2 * n + k) * int64_t(sizeof(T)), n * k * int64_t(sizeof(T)));
+  const int64_t panels = (m + rows - 1) / rows;
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  // dW: per-thread accumulators in T for float/double; 16-bit types keep dz and make dW one
+  // GEMM with float accumulation instead of summing rounded partials.
+  const bool per_thread_dw = dw != nullptr && !kReduced<T>;
+
+  // dz lives in a per-thread panel buffer, or in one (m, n) buffer when dW needs all of it.
+  const bool keep_dz = dw != nullptr && !per_thread_dw;
+  at::Tensor dz_holder, dw_holder;
+  T* dz_store = scratch<T>(dz_holder, keep_dz ? m * n : threads * rows * n);
+  // Thread 0 accumulates straight into dw; the others into buffers summed into it at the end.
+  // A thread's first panel overwrites its accumulator; a thread that got no panel adds nothing.
+  T* dw_acc = per_thread_dw && threads > 1 ? scratch<T>(dw_holder, (threads - 1) * n * k) : nullptr;
+  auto dw_of = [&](int64_t tid) { return tid == 0 ? dw : dw_acc + (tid - 1) * n * k; };
+  std::vector<char> dw_started(threads, 0);
+  std::vector<acc_t> db_part(db != nullptr ? panels * n : 0, acc_t(0));
+  const bool recompute = sign_mask == nullptr && y == nullptr;
+
+  at::parallel_for(0, panels, panel_grain(rows, k, n), [&](int64_t p0, int64_t p1) {
+    const int64_t tid = at::get_thread_num();
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t r0 = p * rows, r = std::min(rows, m - r0);
+      T* dz = keep_dz ? dz_store + r0 * n : dz_store + tid * rows * n;
+      const T* g_p = g + r0 * n;
+      if (recompute) gemm<T>(r, n, k, {x + r0 * k, k}, {w, k, /*trans=*/true}, dz, n);
+      form_dz<T, A>(dz, g_p, y, sign_mask, b, r0, r, n);
+      if (db != nullptr) add_column_sums(db_part.data() + p * n, dz, r, n);
+      if (dx != nullptr) gemm<T>(r, k, n, {dz, n}, {w, k}, dx + r0 * k, k);
+      if (per_thread_dw) {
+        gemm<T>(n, k, r, {dz, n, /*trans=*/true}, {x + r0 * k, k}, dw_of(tid), k, /*accumulate=*/dw_started[tid]);
+        dw_started[tid] = 1;
+      }
+    }
+  });
+
+  if (per_thread_dw) {
+    if (!dw_started[0]) std::fill_n(dw, n * k, T(0));
+    for (int64_t t = 1; t < threads; ++t) {
+      if (dw_started[t]) map_row(n * k, []<typename M, typename V>(V a, V c) { return a + c; }, dw, dw, dw_of(t));
+    }
+  } else if (dw != nullptr) {
+    gemm<T>(n, k, m, {dz_store, n, /*trans=*/true}, {x, k}, dw, k);
+  }
+  if (db != nullptr) {
+    for (int64_t j = 0; j < n; ++j) {
+      acc_t s = 0;
+      for (int64_t p = 0; p < panels; ++p) s += db_part[p * n + j];
+      db[j] = static_cast<T>(s);
+    }
+  }
+}
+
+template <typename T>
+void sign_mask_bytes(const T* y, int64_t numel, uint8_t* bytes, int64_t j0, int64_t j1) {
+  int64_t j = j0;
+#if defined(CPU_CAPABILITY_AVX512)
+  // NLE_UQ: "not <= 0", true for NaN. 16 floats give two bytes.
+  if constexpr (std::is_same_v<T, float>) {
+    for (; j + 2 <= j1 && (j + 2) * 8 <= numel; j += 2) {
+      const uint16_t bits = _mm512_cmp_ps_mask(_mm512_loadu_ps(y + j * 8), _mm512_setzero_ps(), _CMP_NLE_UQ);
+      std::memcpy(bytes + j, &bits, 2);
+    }
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<T, float>) {
+    for (; j < j1 && (j + 1) * 8 <= numel; ++j) {
+      const __m256 set = _mm256_cmp_ps(_mm256_loadu_ps(y + j * 8), _mm256_setzero_ps(), _CMP_NLE_UQ);
+      bytes[j] = static_cast<uint8_t>(_mm256_movemask_ps(set));
+    }
+  }
+#endif
+  for (; j < j1; ++j) {
+    uint8_t byte = 0;
+    for (int64_t i = 0; i < 8 && j * 8 + i < numel; ++i) byte |= uint8_t(!(y[j * 8 + i] <= T(0))) << i;
+    bytes[j] = byte;
+  }
+}
+
+// The entry points of the table: the dtype and activation become template arguments.
+template <typename F>
+void dispatch_dtype(at::ScalarType dtype, F&& f) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "fused_backprop_cpu",
+                                  [&] { f(static_cast<scalar_t*>(nullptr)); });
+}
+
+inline void forward(const ForwardArgs& a) {
+  dispatch_dtype(a.dtype, [&]<typename T>(T*) {
+    dispatch_activation(a.act, [&]<Activation A>() {
+      forward_kernel<T, A>(static_cast<const T*>(a.x), static_cast<const T*>(a.w), static_cast<const T*>(a.b),
+                           static_cast<T*>(a.out), a.m, a.k, a.n);
+    });
+  });
+}
+
+inline void backward(const BackwardArgs& a) {
+  dispatch_dtype(a.dtype, [&]<typename T>(T*) {
+    dispatch_activation(a.act, [&]<Activation A>() {
+      backward_kernel<T, A>(static_cast<const T*>(a.g), static_cast<const T*>(a.x), static_cast<const T*>(a.w),
+                            static_cast<const T*>(a.b), static_cast<const T*>(a.y), a.sign_mask, a.m, a.k, a.n,
+                            static_cast<T*>(a.dx), static_cast<T*>(a.dw), static_cast<T*>(a.db));
+    });
+  });
+}
+
+inline void sign_mask_pack(at::ScalarType dtype, const void* y, int64_t numel, uint8_t* bytes) {
+  dispatch_dtype(dtype, [&]<typename T>(T*) {
+    at::parallel_for(0, (numel + 7) / 8, at::internal::GRAIN_SIZE / 8, [&](int64_t j0, int64_t j1) {
+      sign_mask_bytes(static_cast<const T*>(y), numel, bytes, j0, j1);
+    });
+  });
+}
+
+#define FB_STRINGIFY2(x) #x
+#define FB_STRINGIFY(x) FB_STRINGIFY2(x)
+// Declared in kernels.h; constant-initialised, so no code of this level runs at load time.
+constinit const Kernels kernels{FB_STRINGIFY(CPU_CAPABILITY), &forward, &backward, &sign_mask_pack};
+#undef FB_STRINGIFY
+#undef FB_STRINGIFY2
+
+}  // namespace fused_backprop::cpu::CPU_CAPABILITY
