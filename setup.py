@@ -69,13 +69,18 @@ def cpu_levels() -> list:
     return levels
 
 
-def level_of(source: str):
-    """The SIMD level a kernels_<LEVEL>.cpp source is compiled for, else None."""
-    name = os.path.basename(source)
-    for level in CPU_LEVELS:
-        if name == f"kernels_{level}.cpp":
-            return level
-    return None
+def level_of(path: str):
+    """The SIMD level of csrc/cpu/kernels_<LEVEL>.cpp (or its object file), else None."""
+    stem = os.path.splitext(os.path.basename(path))[0]
+    return next((level for level in CPU_LEVELS if stem == f"kernels_{level}"), None)
+
+
+def link_rank(obj: str) -> int:
+    """Link order: the baseline objects, then the levels in ascending order. The linker keeps the
+    first copy of an inline function that several objects define (std::vector's, at::Tensor's),
+    so the copy kept is one that every CPU runs (ATen: NOTE [ Linking AVX and non-AVX files ])."""
+    level = level_of(obj)
+    return -1 if level is None else list(CPU_LEVELS).index(level)
 
 
 def level_flags(level: str) -> list:
@@ -85,7 +90,8 @@ def level_flags(level: str) -> list:
 class BuildExtension(cpp_extension.BuildExtension):
     """torch's BuildExtension (ninja) plus per-source flags for the kernels_<LEVEL>.cpp files:
     each build line of such a file in the generated build.ninja gets its level's flags appended,
-    so ninja compiles all sources in parallel and rebuilds a level when its flags change."""
+    so ninja compiles all sources in parallel and rebuilds a level when its flags change. The
+    objects are linked in link_rank order (setuptools sorts the sources by name)."""
 
     def build_extensions(self):
         if not self.use_ninja:
@@ -107,7 +113,13 @@ class BuildExtension(cpp_extension.BuildExtension):
             with open(path, "w") as f:
                 f.write("\n".join(out) + "\n")
 
+        link = self.compiler.link_shared_object
+
+        def link_in_level_order(objects, *args, **kwargs):
+            return link(sorted(objects, key=link_rank), *args, **kwargs)
+
         cpp_extension._write_ninja_file = write_with_levels
+        self.compiler.link_shared_object = link_in_level_order
         try:
             super().build_extensions()
         finally:
@@ -116,9 +128,6 @@ class BuildExtension(cpp_extension.BuildExtension):
 
 def extension():
     levels = cpu_levels()
-    # Link order matters: the linker keeps the first copy of an inline function that several
-    # objects define (std::vector's, at::Tensor's), so the baseline objects and then the levels
-    # in ascending order come first, and the copy that every CPU runs is the one kept.
     base = [p for p in glob.glob(os.path.join(ROOT, "csrc", "*.cpp")) + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp"))
             if level_of(p) is None]
     sources = _rel(base) + [os.path.join("csrc", "cpu", f"kernels_{level}.cpp") for level in levels]

@@ -2,6 +2,7 @@
 handwritten kernels (C++ on the CPU, C++/CUDA and Triton on NVIDIA GPUs)."""
 
 from . import _ops  # noqa: F401  (loads the compiled ops first)
+from ._ops import cpu_capability
 from . import backends, reference
 from .backends import available_backends
 from .functional import linear_act, linear_relu, linear_sigmoid
@@ -11,7 +12,7 @@ from .modules import FusedLinearAct, FusedLinearReLU, FusedLinearSigmoid, FusedM
 __all__ = [
     "linear_act", "linear_relu", "linear_sigmoid",
     "FusedLinearAct", "FusedLinearReLU", "FusedLinearSigmoid", "FusedMLP",
-    "fuse", "available_backends", "reference",
+    "fuse", "available_backends", "cpu_capability", "reference",
 ]
 __version__ = "0.1.0"
 

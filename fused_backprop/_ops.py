@@ -24,6 +24,16 @@ def has_kernel(dispatch_key: str) -> bool:
     return _KERNELS[dispatch_key]
 
 
+def cpu_capability() -> str:
+    """The SIMD level the CPU kernels run: "DEFAULT", "AVX2" or "AVX512" on x86-64, "DEFAULT"
+    elsewhere. It is the level torch runs (``torch.backends.cpu.get_cpu_capability()``: the best
+    the CPU supports, or a lower one that ``ATEN_CPU_CAPABILITY=default|avx2`` asks for), or the
+    best level built below it; chosen once per process."""
+    if BUILD_ERROR is not None:
+        raise RuntimeError(f"fused_backprop: the compiled extension is not built: {BUILD_ERROR}")
+    return _C.cpu_capability()
+
+
 if BUILD_ERROR is None:
 
     @torch.library.register_fake("fused_backprop::linear_act_fwd")

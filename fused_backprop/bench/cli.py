@@ -209,7 +209,22 @@ def device_name(device: str) -> str:
     except OSError:
         pass
     threads = torch.get_num_threads()
-    return f"{model}, {threads} thread{'s' if threads != 1 else ''}"
+    return f"{model}, {threads} thread{'s' if threads != 1 else ''}, {simd_level()}"
+
+
+def simd_level() -> str:
+    """The SIMD level of the CPU kernels (and torch's, where it differs)."""
+    torch_level, ours = torch.backends.cpu.get_cpu_capability(), _cpu_capability_or_none()
+    if ours is None:
+        return f"SIMD: fused kernels not built, torch {torch_level}"
+    return f"SIMD {ours}" + (f" (torch {torch_level})" if torch_level != ours else "")
+
+
+def _cpu_capability_or_none():
+    try:
+        return fb.cpu_capability()
+    except RuntimeError:
+        return None
 
 
 def _git_commit():
@@ -286,6 +301,7 @@ def describe(args) -> dict:
         timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         torch=torch.__version__, fused_backprop=fb.__version__, python=platform.python_version(),
         platform=platform.platform(), git_commit=_git_commit(), threads=torch.get_num_threads(),
+        cpu_capability=dict(fused_backprop=_cpu_capability_or_none(), torch=torch.backends.cpu.get_cpu_capability()),
         cpu_count=os.cpu_count(), load_average=os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         devices={d: names[d] for d in args.devices},
         clocks={d: timing.clock_for(d).name for d in args.devices},
