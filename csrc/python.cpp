@@ -55,4 +55,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("linear_act_bwd", &linear_act_bwd, py::call_guard<py::gil_scoped_release>());
   m.def("cpu_capability", [] { return std::string(fused_backprop::cpu::kernels().level); },
         "The SIMD level the CPU kernels run.");
+  m.def("_cache_bytes", [] { return std::make_tuple(fused_backprop::cpu::l2_cache_bytes(), fused_backprop::cpu::l3_cache_bytes()); },
+        "(L2, L3) cache sizes the CPU kernels size their panels and chunks by.");
 }

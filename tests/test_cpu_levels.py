@@ -30,8 +30,10 @@ KERNEL_TESTS = ["test_parity.py", "test_semantics.py", "test_sign_mask.py", "tes
 needs_build = pytest.mark.skipif(_ops.BUILD_ERROR is not None, reason="compiled extension not built")
 
 
-def _level_env(level):
-    return {**os.environ, "ATEN_CPU_CAPABILITY": level.lower()}
+def _level_env(level, tmp_path):
+    # Its own torch.compile cache: inductor reuses kernels across levels, and the main process's
+    # compiled graphs at a higher level abort after it (see bench.cli.separate_inductor_cache).
+    return {**os.environ, "ATEN_CPU_CAPABILITY": level.lower(), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
 
 
 @needs_build
@@ -41,7 +43,7 @@ def test_cpu_capability_is_torchs_level():
 
 @needs_build
 @pytest.mark.parametrize("level", LEVELS)
-def test_kernels_at_level(level):
+def test_kernels_at_level(level, tmp_path):
     """The kernel tests pass with the kernels at ``level``, forced through ATEN_CPU_CAPABILITY."""
     if not X86 and level != "DEFAULT":
         pytest.skip(f"{level} is an x86-64 level")
@@ -49,7 +51,7 @@ def test_kernels_at_level(level):
         pytest.skip(f"this CPU (or ATEN_CPU_CAPABILITY) runs at most {HERE}")
     if level == HERE:
         pytest.skip(f"this process runs at {level}: the rest of the suite tests it")
-    env = _level_env(level)
+    env = _level_env(level, tmp_path)
     got = subprocess.run([sys.executable, "-c", "import fused_backprop as fb; print(fb.cpu_capability())"],
                          env=env, capture_output=True, text=True, check=True).stdout.strip()
     assert got == level

@@ -5,7 +5,7 @@ import torch
 from helpers import ACTIVATIONS, TOL, assert_close, sample_inputs
 
 import fused_backprop as fb  # noqa: F401  (registers the ops)
-from fused_backprop import sign_mask
+from fused_backprop import _ops, sign_mask
 from fused_backprop.backends import torch_backend
 
 ops = torch.ops.fused_backprop
@@ -140,17 +140,23 @@ def test_forward_panels_share_packed_weight(activation):
 
 @pytest.mark.parametrize("activation,saved", [("relu", "out"), ("relu", "recompute"), ("relu", "mask"),
                                               ("sigmoid", "out"), ("sigmoid", "recompute")])
-@pytest.mark.parametrize("dtype,k", [(torch.float64, 400), (torch.float32, 700)])  # W: 1.3 MB, 1.15 MB
-def test_large_weight_chunked(activation, saved, dtype, k):
-    """A weight larger than 1 MiB takes the row chunks with multithreaded GEMMs (float32: W packed
-    once for all chunks): here 3 chunks, the last one partial, so both the packed and the plain
-    GEMM run. Checked against float64 from the same inputs."""
-    x, w, b = sample_inputs(2100, k, 410, dtype=dtype)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_large_weight_chunked(activation, saved, dtype):
+    """A weight larger than L2 takes the row chunks with multithreaded GEMMs (float32: W packed
+    once for all chunks). The chunks' output fills half of L3, and they hold at least 1024 rows:
+    N is chosen so that a chunk is 1024 rows on this machine, and 2100 rows are 3 chunks, the last
+    one partial, so both the packed and the plain GEMM run. Checked against float64 from the same
+    inputs."""
+    l2, l3 = _ops._C._cache_bytes()
+    size = dtype.itemsize
+    n = max(410, -(-l3 // 2 // 1024 // size))
+    k = l2 // (n * size) + 7
+    x, w, b = sample_inputs(2100, k, n, dtype=dtype)
     out = ops.linear_act_fwd(x, w, b, activation)
     x64, w64, b64 = (t.double() for t in (x, w, b))
     assert_close(out, torch_backend.forward(x64, w64, b64, activation), dtype)
     given = {"out": out, "recompute": None, "mask": sign_mask.pack(out)}[saved]
-    g = torch.randn(2100, 410, dtype=dtype)
+    g = torch.randn(2100, n, dtype=dtype)
     got = ops.linear_act_bwd(g, x, w, b, given, activation, [True, True, True])
     want = torch_backend.backward(g.double(), x64, w64, b64, out.double(), activation, (True, True, True))
     for a, e in zip(got, want):

@@ -1,4 +1,5 @@
-// Which SIMD level's CPU kernels run: chosen once, on first use, as ATen chooses its own.
+// What the CPU kernels read off the machine, once: which SIMD level runs (as ATen chooses its own)
+// and the cache sizes their panels and chunks are sized by.
 #include <ATen/Version.h>
 
 #include <unistd.h>
@@ -34,21 +35,36 @@ const Kernels& kernels() {
   return chosen;
 }
 
-int64_t l2_cache_bytes() {
-  static const int64_t bytes = [] {
-    long size = -1;
-#if defined(_SC_LEVEL2_CACHE_SIZE)
-    size = sysconf(_SC_LEVEL2_CACHE_SIZE);
+namespace {
+
+// The cache cpu0 sees, from sysfs (as "32768K"), else sysconf, else `fallback`. sysfs first: on
+// AMD EPYC glibc's sysconf gives the whole package's L3 (384 MiB) where a core shares 32 MiB.
+int64_t cache_bytes(const char* sysfs_index, int sysconf_name, int64_t fallback) {
+  long size = -1;
+  std::ifstream in(std::string("/sys/devices/system/cpu/cpu0/cache/") + sysfs_index + "/size");
+  std::string text;
+  if (in >> text && std::isdigit(static_cast<unsigned char>(text[0]))) {
+    size = std::stol(text) * (text.back() == 'K' ? 1024 : text.back() == 'M' ? 1024 * 1024 : 1);
+  }
+  if (size <= 0 && sysconf_name >= 0) size = sysconf(sysconf_name);
+  return size > 0 ? int64_t(size) : fallback;
+}
+
+#if defined(_SC_LEVEL2_CACHE_SIZE) && defined(_SC_LEVEL3_CACHE_SIZE)
+constexpr int kSysconfL2 = _SC_LEVEL2_CACHE_SIZE, kSysconfL3 = _SC_LEVEL3_CACHE_SIZE;
+#else
+constexpr int kSysconfL2 = -1, kSysconfL3 = -1;
 #endif
-    if (size <= 0) {  // sysfs, as "1024K"
-      std::ifstream in("/sys/devices/system/cpu/cpu0/cache/index2/size");
-      std::string text;
-      if (in >> text && std::isdigit(static_cast<unsigned char>(text[0]))) {
-        size = std::stol(text) * (text.back() == 'K' ? 1024 : text.back() == 'M' ? 1024 * 1024 : 1);
-      }
-    }
-    return size > 0 ? int64_t(size) : int64_t(1) << 20;
-  }();
+
+}  // namespace
+
+int64_t l2_cache_bytes() {
+  static const int64_t bytes = cache_bytes("index2", kSysconfL2, int64_t(1) << 20);
+  return bytes;
+}
+
+int64_t l3_cache_bytes() {
+  static const int64_t bytes = cache_bytes("index3", kSysconfL3, int64_t(32) << 20);
   return bytes;
 }
 

@@ -122,16 +122,16 @@ class SharedB {
     if (!packed_.empty() && packed_.capacity() <= kMaxKeptFloats) pool().push_back(std::move(packed_));
   }
 
-  // C (m x n) = op(A) (m x k) · op(B).
-  void gemm(int64_t m, Mat<T> a, T* c, int64_t ldc) const {
+  // C (m x n) = op(A) (m x k) · op(B), plus C's old value if accumulate.
+  void gemm(int64_t m, Mat<T> a, T* c, int64_t ldc, bool accumulate = false) const {
     if constexpr (std::is_same_v<T, float>) {
       if (!packed_.empty() && m == rows_ && detail::fits_int(a.ld) && detail::fits_int(ldc)) {
         cblas_sgemm_compute(kRowMajor, a.trans ? kTrans : kNoTrans, kPacked, int(m), int(n_), int(k_), a.data,
-                            int(a.ld), packed_.data(), int(b_.ld), 0.f, c, int(ldc));
+                            int(a.ld), packed_.data(), int(b_.ld), accumulate ? 1.f : 0.f, c, int(ldc));
         return;
       }
     }
-    CPU_CAPABILITY::gemm<T>(m, n_, k_, a, b_, c, ldc);
+    CPU_CAPABILITY::gemm<T>(m, n_, k_, a, b_, c, ldc, accumulate);
   }
 
  private:

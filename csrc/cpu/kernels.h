@@ -53,8 +53,10 @@ namespace AVX512 { extern const Kernels kernels; }
 // The kernels of the level chosen at run time, on first use.
 const Kernels& kernels();
 
-// This machine's per-core L2 cache in bytes (1 MiB when the OS does not say), read once: the
-// panel and weight-size thresholds of the kernels scale with it.
+// This machine's per-core L2 and its last-level (L3) cache in bytes, read once (1 MiB and
+// 32 MiB when the OS does not say): the kernels' weight-size threshold and row chunks scale
+// with them.
 int64_t l2_cache_bytes();
+int64_t l3_cache_bytes();
 
 }  // namespace fused_backprop::cpu

@@ -36,12 +36,21 @@
 
 namespace fused_backprop::cpu::CPU_CAPABILITY {
 
-// Bytes of one panel's working set that should stay in (a share of) L2.
+// Bytes of one panel's working set that should stay in (a share of) L2. Tuned on Intel Xeon
+// (2 MiB L2 per core) and checked on AMD EPYC (1 MiB): 256 to 4096-row panels gave the same
+// forward time there, so it is a constant.
 constexpr int64_t kPanelBytes = 256 * 1024;
-constexpr int64_t kL2Bytes = 1024 * 1024;
-// Rows per chunk when W outgrows L2 (forward, backward_chunked): big enough for efficient
-// multithreaded GEMMs, small enough that the backward's chunk of dz is no (M, N) buffer.
-constexpr int64_t kChunkRows = 1024;
+// Up to this many rows, per-thread panels lose to one multithreaded GEMM (use_chunks).
+constexpr int64_t kFewRows = 1024;
+
+// Rows per chunk when W outgrows L2 (forward, backward_chunked): chunks whose output fills half
+// the last-level cache, and at least kFewRows rows, so the multithreaded GEMMs are efficient, the
+// epilogue finds the chunk in cache and the backward's chunk of dz is no (M, N) buffer. On AMD
+// EPYC (32 MiB L3), forward at 8192x1024x1024 against addmm: 512-row chunks 1.12x, 1024 1.06x,
+// 2048 1.02x, 4096 1.01x.
+int64_t chunk_rows(int64_t m, int64_t row_bytes) {
+  return std::min(m, std::max(kFewRows, l3_cache_bytes() / 2 / std::max<int64_t>(row_bytes, 1)));
+}
 
 // Panels per parallel task: a task gets at least kMinTaskMacs multiply-adds, so a small layer
 // runs on the calling thread (waking the pool costs more than it saves, and far more when the
@@ -59,7 +68,7 @@ int64_t elementwise_grain(int64_t width) { return std::max<int64_t>(1, at::inter
 // panels would stream W once each, and when there are too few rows for panels to beat one
 // multithreaded GEMM (measured at M <= 512, 256 <= K, N <= 1024: per-thread panels 1.01-1.15x
 // eager's time).
-bool use_chunks(int64_t m, int64_t weight_bytes) { return weight_bytes > kL2Bytes || m <= kChunkRows; }
+bool use_chunks(int64_t m, int64_t weight_bytes) { return weight_bytes > l2_cache_bytes() || m <= kFewRows; }
 
 // Rows per panel. While W fits in L2, panels of about kPanelBytes (at most that, or 256 rows) keep
 // each panel's rows in cache between the GEMM and the elementwise work; their number is a multiple
@@ -71,17 +80,34 @@ bool use_chunks(int64_t m, int64_t weight_bytes) { return weight_bytes > kL2Byte
 int64_t panel_rows(int64_t m, int64_t row_bytes, int64_t weight_bytes) {
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t per_thread = (m + threads - 1) / threads;
-  if (weight_bytes > kL2Bytes) return std::max<int64_t>(1, per_thread);
+  if (weight_bytes > l2_cache_bytes()) return std::max<int64_t>(1, per_thread);
   const int64_t rows = std::min(per_thread, std::max<int64_t>(256, kPanelBytes / std::max<int64_t>(row_bytes, 1)));
   const int64_t panels = ((m + rows - 1) / rows + threads - 1) / threads * threads;
   return std::max<int64_t>(1, (m + panels - 1) / panels);
 }
 
+// z (r x n) = x (r x k) · Wᵀ + b for a panel: the rows start as copies of b and the GEMM adds to
+// them (beta = 1), as addmm does. With beta = 0 MKL first zeroes a small C in a pass of its own
+// (mkl_blas_def_sgemm_mscale: 6.9 % of the forward's samples at 65536x64x64 on AMD EPYC, against
+// 39 % in the GEMM kernel; the bias copy takes 3 %). The row chunks' large multithreaded GEMMs
+// have no such pass: they take beta = 0 and the bias joins in the epilogue.
+template <typename T>
+void preact_rows(const SharedB<T>& wt, const T* x, int64_t k, const T* b, T* z, int64_t r, int64_t n) {
+  for (int64_t i = 0; i < r; ++i) std::memcpy(z + i * n, b, n * sizeof(T));
+  wt.gemm(r, {x, k}, z, n, /*accumulate=*/true);
+}
+
+// out = act(out + b), b null for no bias (already in out).
 template <typename T, Activation A>
-void bias_act_rows(T* out, const T* b, int64_t rows, int64_t n) {
+void act_rows(T* out, const T* b, int64_t rows, int64_t n) {
   for (int64_t i = 0; i < rows; ++i) {
-    map_row(n, []<typename M, typename V>(V z, V bias) { return Act<A>::template forward<V, M>(z + bias); },
-            out + i * n, out + i * n, b);
+    T* row = out + i * n;
+    if (b == nullptr) {
+      map_row(n, []<typename M, typename V>(V z) { return Act<A>::template forward<V, M>(z); }, row, row);
+    } else {
+      map_row(n, []<typename M, typename V>(V z, V bias) { return Act<A>::template forward<V, M>(z + bias); }, row,
+              row, b);
+    }
   }
 }
 
@@ -90,12 +116,14 @@ void forward_kernel(const T* x, const T* w, const T* b, T* out, int64_t m, int64
   if (!kReduced<T> && use_chunks(m, n * k * int64_t(sizeof(T)))) {
     // One multithreaded GEMM per chunk of rows, then the epilogue on all threads while the chunk
     // is still in the last-level cache.
-    const SharedB<T> wt({w, k, /*trans=*/true}, m, std::min(m, kChunkRows), k, n);
-    for (int64_t c0 = 0; c0 < m; c0 += kChunkRows) {
-      const int64_t r = std::min(kChunkRows, m - c0);
-      wt.gemm(r, {x + c0 * k, k}, out + c0 * n, n);
+    const int64_t chunk = chunk_rows(m, n * int64_t(sizeof(T)));
+    const SharedB<T> wt({w, k, /*trans=*/true}, m, chunk, k, n);
+    for (int64_t c0 = 0; c0 < m; c0 += chunk) {
+      const int64_t r = std::min(chunk, m - c0);
+      T* out_c = out + c0 * n;
+      wt.gemm(r, {x + c0 * k, k}, out_c, n);
       at::parallel_for(0, r, elementwise_grain(n), [&](int64_t i0, int64_t i1) {
-        bias_act_rows<T, A>(out + (c0 + i0) * n, b, i1 - i0, n);
+        act_rows<T, A>(out_c + i0 * n, b, i1 - i0, n);
       });
     }
     return;
@@ -107,8 +135,8 @@ void forward_kernel(const T* x, const T* w, const T* b, T* out, int64_t m, int64
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t r0 = p * rows, r = std::min(rows, m - r0);
       T* out_p = out + r0 * n;
-      wt.gemm(r, {x + r0 * k, k}, out_p, n);
-      bias_act_rows<T, A>(out_p, b, r, n);
+      preact_rows(wt, x + r0 * k, k, b, out_p, r, n);
+      act_rows<T, A>(out_p, nullptr, r, n);
     }
   });
 }
@@ -164,10 +192,12 @@ void dz_from_sign_mask(T* dz, const T* g, const uint8_t* mask, int64_t first, in
   for (; j < n; ++j) one(j);
 }
 
-// dz for rows [r0, r0 + r) into dz (which holds the pre-activation without bias when both y and
-// sign_mask are null): g ⊙ act'(·) from the layer output y, relu's packed sign mask, or z + b.
+// dz for rows [r0, r0 + r) into dz (which holds the pre-activation when both y and sign_mask are
+// null, the bias added already where b is null): g ⊙ act'(·) from the layer output y, relu's
+// packed sign mask, or the pre-activation.
 template <typename T, Activation A>
-void form_dz(T* dz, const T* g, const T* y, const uint8_t* sign_mask, const T* b, int64_t r0, int64_t r, int64_t n) {
+void form_dz(T* dz, const T* g, const T* y, const uint8_t* sign_mask, const T* b, int64_t r0, int64_t r,
+             int64_t n) {
   for (int64_t i = 0; i < r; ++i) {
     T* dz_i = dz + i * n;
     const T* g_i = g + i * n;
@@ -177,10 +207,15 @@ void form_dz(T* dz, const T* g, const T* y, const uint8_t* sign_mask, const T* b
       map_row(n, []<typename M, typename V>(V go, V out) { return go * Act<A>::template grad_from_output<V, M>(out); },
               dz_i, g_i, y + (r0 + i) * n);
     } else {
-      map_row(n, []<typename M, typename V>(V z, V go, V bias) {
-                return go * Act<A>::template grad_from_preact<V, M>(z + bias);
-              },
-              dz_i, dz_i, g_i, b);
+      if (b == nullptr) {
+        map_row(n, []<typename M, typename V>(V z, V go) { return go * Act<A>::template grad_from_preact<V, M>(z); },
+                dz_i, dz_i, g_i);
+      } else {
+        map_row(n, []<typename M, typename V>(V z, V go, V bias) {
+                  return go * Act<A>::template grad_from_preact<V, M>(z + bias);
+                },
+                dz_i, dz_i, g_i, b);
+      }
     }
   }
 }
@@ -201,7 +236,7 @@ T* scratch(at::Tensor& holder, int64_t n) {
 template <typename T, Activation A>
 void backward_chunked(const T* g, const T* x, const T* w, const T* b, const T* y, const uint8_t* sign_mask,
                       int64_t m, int64_t k, int64_t n, T* dx, T* dw, T* db) {
-  const int64_t chunk = std::min(m, kChunkRows);
+  const int64_t chunk = chunk_rows(m, n * int64_t(sizeof(T)));
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   at::Tensor dz_holder;
   T* dz = scratch<T>(dz_holder, chunk * n);
@@ -259,6 +294,8 @@ void backward_kernel(const T* g, const T* x, const T* w, const T* b, const T* y,
   std::vector<char> dw_started(threads, 0);
   std::vector<acc_t> db_part(db != nullptr ? panels * n : 0, acc_t(0));
   const bool recompute = sign_mask == nullptr && y == nullptr;
+  std::optional<SharedB<T>> wt;  // W for the recomputed x·Wᵀ
+  if (recompute) wt.emplace(Mat<T>{w, k, /*trans=*/true}, m, rows, k, n);
 
   at::parallel_for(0, panels, panel_grain(rows, k, n), [&](int64_t p0, int64_t p1) {
     const int64_t tid = at::get_thread_num();
@@ -266,8 +303,8 @@ void backward_kernel(const T* g, const T* x, const T* w, const T* b, const T* y,
       const int64_t r0 = p * rows, r = std::min(rows, m - r0);
       T* dz = keep_dz ? dz_store + r0 * n : dz_store + tid * rows * n;
       const T* g_p = g + r0 * n;
-      if (recompute) gemm<T>(r, n, k, {x + r0 * k, k}, {w, k, /*trans=*/true}, dz, n);
-      form_dz<T, A>(dz, g_p, y, sign_mask, b, r0, r, n);
+      if (recompute) preact_rows(*wt, x + r0 * k, k, b, dz, r, n);
+      form_dz<T, A>(dz, g_p, y, sign_mask, nullptr, r0, r, n);
       if (db != nullptr) add_column_sums(db_part.data() + p * n, dz, r, n);
       if (dx != nullptr) gemm<T>(r, k, n, {dz, n}, {w, k}, dx + r0 * k, k);
       if (per_thread_dw) {

@@ -432,7 +432,21 @@ def _header(args, meta) -> str:
     return "\n".join(lines)
 
 
+def separate_inductor_cache() -> None:
+    """One torch.compile cache per SIMD level, unless TORCHINDUCTOR_CACHE_DIR is set: torch 2.14's
+    inductor reuses what it compiled at another ATEN_CPU_CAPABILITY level, and after a run at avx2
+    the same graph at avx512 aborts ("double free or corruption"; AMD EPYC, reproduced without
+    fused_backprop, gone with a fresh cache)."""
+    import getpass
+    import tempfile
+
+    level = torch.backends.cpu.get_cpu_capability()
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR",
+                          os.path.join(tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}_{level}"))
+
+
 def main(argv=None) -> int:
+    separate_inductor_cache()
     parser = build_parser()
     args = resolve_options(parser.parse_args(argv))
     if args.threads:
