@@ -36,9 +36,9 @@
 
 namespace fused_backprop::cpu::CPU_CAPABILITY {
 
-// Bytes of one panel's working set that should stay in (a share of) L2. Tuned on Intel Xeon
-// (2 MiB L2 per core) and checked on AMD EPYC (1 MiB): 256 to 4096-row panels gave the same
-// forward time there, so it is a constant.
+// Bytes of one panel's working set that should stay in (a share of) L2. Tuned on Intel Xeon and
+// checked on AMD EPYC (1 MiB L2 per core), where 256- to 4096-row panels gave the same forward
+// time, so it stays a constant.
 constexpr int64_t kPanelBytes = 256 * 1024;
 // Up to this many rows, per-thread panels lose to one multithreaded GEMM (use_chunks).
 constexpr int64_t kFewRows = 1024;
