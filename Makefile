@@ -6,6 +6,8 @@ VPY       := $(VENV)/bin/python
 TORCH     ?= torch==2.14.1
 # The benchmark's table, progress bar and plots, and the examples' data set.
 EXTRAS    := rich matplotlib scikit-learn
+# The models fuse() is tested on (versions that install beside torch 2.14.1).
+TEST_DEPS := torchvision==0.29.1 timm==1.0.31 transformers==5.24.0
 export MAX_JOBS ?= 2
 # nvcc on PATH may be a wrapper: point the build at the real toolkit when there is one.
 export CUDA_HOME ?= $(shell test -x /usr/local/cuda/bin/nvcc && echo /usr/local/cuda)
@@ -33,6 +35,7 @@ cross:
 		echo "note: no aarch64-linux-gnu-g++ (apt-get install g++-aarch64-linux-gnu)"
 
 test: install cross
+	$(VPY) -m pip install -q $(TEST_DEPS)
 	$(VPY) -m pytest -q tests
 
 # BENCH_ARGS="--quick" for a short run; --help lists the options.
@@ -40,9 +43,11 @@ bench: install
 	$(VPY) -m fused_backprop.bench $(BENCH_ARGS)
 
 examples: install
+	$(VPY) -m pip install -q $(TEST_DEPS)
 	$(VPY) examples/train_digits.py
 	$(VPY) examples/vanishing_gradients.py
 	$(VPY) examples/gradient_check.py
+	$(VPY) examples/fuse_model.py
 
 clean:
 	rm -rf build *.egg-info fused_backprop/*.so

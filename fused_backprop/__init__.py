@@ -6,13 +6,13 @@ from ._ops import cpu_capability
 from . import backends, reference
 from .backends import available_backends
 from .functional import linear_act, linear_relu, linear_sigmoid
-from .fuse import fuse
+from .fuse import FuseRecord, fuse, fuse_report
 from .modules import FusedLinearAct, FusedLinearReLU, FusedLinearSigmoid, FusedMLP
 
 __all__ = [
     "linear_act", "linear_relu", "linear_sigmoid",
     "FusedLinearAct", "FusedLinearReLU", "FusedLinearSigmoid", "FusedMLP",
-    "fuse", "available_backends", "cpu_capability", "reference",
+    "fuse", "fuse_report", "FuseRecord", "available_backends", "cpu_capability", "reference",
 ]
 __version__ = "0.1.0"
 

@@ -113,3 +113,21 @@ def test_gradient_check_fails_on_a_wrong_backend(tmp_path, monkeypatch):
     assert example.main(["--backends", "badbias", "--out", str(tmp_path)]) == 1
     result = json.loads((tmp_path / "gradient_check.json").read_text())
     assert all(not r["ok"] and r["errors"]["b"] > 0.1 and r["errors"]["W"] < 1e-5 for r in result["results"])
+
+
+def test_fuse_model(tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    pytest.importorskip("timm")
+    example = load("fuse_model")
+    assert example.main(["--quick", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "fuse_model.json").read_text())
+    report = {r["name"]: r for r in result["report"]}
+    assert result["steps"] == 60 and result["fused_layers"] == 3 and result["linear_layers"] == 5
+    assert report["0.fc1"]["activation"] == "relu" and report["2.fc"]["activation"] == "sigmoid"
+    assert report["0.fc2"]["reason"] == "no activation after it"
+    # same weights, same batches and dropout masks: the curves agree to float32 rounding, and it learns
+    eager, fused = result["eager"], result["fused"]
+    assert result["max_loss_diff"] < 1e-4 and eager["losses"][-1] < 0.9 * eager["losses"][0]
+    assert eager["median_step_ms"] > 0 and fused["median_step_ms"] > 0
+    out = capsys.readouterr().out
+    assert "fuse: 3 of 5 Linear layers fused" in out and "2.fc: fused with sigmoid" in out
