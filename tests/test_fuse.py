@@ -313,7 +313,7 @@ def test_torch_compile_of_a_fused_model():
     ref = copy.deepcopy(model)
     fused = fb.fuse(model)
     assert len(fused_layers(fused)) == 7
-    compiled = torch.compile(fused, fullgraph=False, backend="aot_eager")
+    compiled = torch.compile(fused, fullgraph=False)
     out, dx, grads = run(compiled, x8, True)
     want_out, want_dx, want_grads = run(ref, x8, True)
     assert_close(out, want_out)
