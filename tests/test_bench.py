@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import importlib.util
 import json
 import os
 import subprocess
@@ -286,3 +287,131 @@ def test_markdown_table():
     report.add_ratios(rows)
     text = report.markdown_table(rows, "forward", "cpu", "float32")
     assert text.count("\n") == 3 and "| relu | 1×2×3 | floor | 1.000 |" in text and "2.00×" in text
+
+
+# --------------------------------------------------------------------------------- latency mode
+
+LATENCY_FAST = ["--latency", "--latency-m", "1,4", "--latency-kn", "8", "--repeat", "2", "--warmup", "1",
+                "--min-sample-ms", "0.2", "--no-progress"]
+
+
+def run_latency(tmp_path, *argv) -> tuple:
+    rc = cli.main([*LATENCY_FAST, "--out", str(tmp_path), *argv])
+    return rc, read_csv(tmp_path / "latency.csv"), json.loads((tmp_path / "latency.json").read_text())
+
+
+def test_latency_sweep_writes_table_csv_json_and_plots(tmp_path, capsys):
+    """The sweep shrunk to M = 1, 4 at K = N = 8: both modes, both activations, all three providers
+    (torch.compile included), the ratios from the medians, the meta, one PNG per mode."""
+    rc, rows, doc = run_latency(tmp_path)
+    assert rc == 0
+    out = capsys.readouterr().out
+    for text in ("inference · K=N=8 · relu", "training · K=N=8 · sigmoid", "fused/eager", "fused/compile",
+                 "compile µs", "fused layer over the sweep of M"):
+        assert text in out
+    keys = {(r["mode"], r["activation"], r["M"], r["provider"]) for r in rows}
+    assert keys == {(mode, act, m, p) for mode in ("inference", "training") for act in ("relu", "sigmoid")
+                    for m in ("1", "4") for p in ("fused", "eager", "compile")}
+    assert len(rows) == len(keys) and {(r["K"], r["N"], r["dtype"], r["device"]) for r in rows} == {("8", "8", "float32", "cpu")}
+    for r in rows:
+        assert r["status"] == "ok", r
+        t = float(r["median_us"])
+        assert 0 < float(r["q25_us"]) <= t <= float(r["q75_us"]) and int(r["samples"]) == 2
+        group = {q["provider"]: float(q["median_us"]) for q in rows
+                 if (q["mode"], q["activation"], q["M"]) == (r["mode"], r["activation"], r["M"])}
+        assert float(r["time_vs_eager"]) == pytest.approx(t / group["eager"], rel=1e-6)
+        assert float(r["time_vs_compile"]) == pytest.approx(t / group["compile"], rel=1e-6)
+    assert all(float(r["time_vs_eager"]) == 1.0 for r in rows if r["provider"] == "eager")
+    assert all(float(r["check_err"]) < 1e-3 for r in rows if r["provider"] == "fused")
+    meta = doc["meta"]
+    assert meta["cpu_capability"]["fused_backprop"] == fb.cpu_capability() and "SIMD" in meta["simd"]
+    assert meta["options"]["M"] == [1, 4] and meta["options"]["KN"] == [8] and meta["options"]["latency"]
+    assert meta["devices"]["cpu"] and meta["torch"] == torch.__version__ and "backend 'auto'" in meta["fused"]["cpu"]
+    assert len(doc["rows"]) == len(rows) and len(doc["summary"]) == 4
+    for s in doc["summary"]:
+        assert s["points"] == 2 and 0 <= s["fused_le_eager"] <= 2 and s["worst_M"] in (1, 4)
+    pngs = sorted(p.name for p in tmp_path.glob("*.png"))
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert pngs == ["latency_inference_cpu_float32.png", "latency_training_cpu_float32.png"]
+        assert all((tmp_path / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+    else:
+        assert not pngs
+
+
+def test_latency_options_narrow_the_sweep(tmp_path, capsys):
+    rc, rows, doc = run_latency(tmp_path, "--latency-modes", "training", "--latency-kn", "8,12", "--latency-m", "3",
+                                "--activations", "sigmoid", "--baselines", "eager", "--no-plots", "--threads", "1")
+    assert rc == 0
+    assert {(r["mode"], r["activation"], r["M"], r["K"], r["N"], r["provider"]) for r in rows} == {
+        ("training", "sigmoid", "3", kn, kn, p) for kn in ("8", "12") for p in ("fused", "eager")}
+    assert all(r["time_vs_compile"] == "" and float(r["median_us"]) > 0 for r in rows)
+    assert not list(tmp_path.glob("*.png"))
+    assert doc["meta"]["threads"] == 1 and doc["meta"]["options"]["providers"] == ["fused", "eager"]
+    assert "training · K=N=12 · sigmoid" in capsys.readouterr().out
+
+
+def test_latency_statements_compute_the_layer_and_its_gradients():
+    from fused_backprop.bench import latency
+
+    case = cases.Case("cpu", torch.float32, "sigmoid", 5, 7, 6)
+    tensors = cases.make_tensors(case)
+    x, w, b, _ = tensors
+    want = torch.sigmoid(x @ w.t() + b)
+    with torch.no_grad():
+        stmts = latency.make_stmts(case, "inference", tensors, providers=("fused", "eager"))
+        for stmt in stmts.values():
+            out = stmt()
+            assert not out.requires_grad and torch.allclose(out, want, atol=1e-5)
+    stmts = latency.make_stmts(case, "training", tensors, providers=("fused",))
+    stmt = stmts["fused"]
+    assert stmt() is None and stmt() is None  # grads reset before each step: no accumulation
+    xg, weight, bias = stmt.__defaults__[2]
+    xr, wr, br = (t.detach().clone().requires_grad_() for t in (x, w, b))
+    torch.sigmoid(xr @ wr.t() + br).sum().backward()
+    for got, ref in ((xg, xr), (weight, wr), (bias, br)):
+        assert torch.allclose(got.grad, ref.grad, atol=1e-5)
+
+
+def test_latency_wrong_fused_layer_is_flagged_and_not_timed(tmp_path, monkeypatch, capsys):
+    good = backends.get("torch")
+    broken = dataclasses.replace(good, name="broken", forward=lambda x, w, b, act: good.forward(x, w, b, act) * 1.01)
+    monkeypatch.setitem(backends._AUTO, "cpu", broken)
+    rc, rows, _ = run_latency(tmp_path, "--baselines", "eager", "--activations", "relu", "--latency-m", "2",
+                              "--no-plots")
+    assert rc == 1
+    fused = [r for r in rows if r["provider"] == "fused"]
+    assert len(fused) == 2 and all(r["status"] == "wrong" and r["median_us"] == "" and "out off by" in r["note"]
+                                   for r in fused)
+    assert all(r["status"] == "ok" and float(r["median_us"]) > 0 for r in rows if r["provider"] == "eager")
+    assert "WRONG RESULTS (not timed): fused on cpu float32 relu 2x8x8" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--latency", "--shapes", "4x4x4"], "--shapes (use --latency-m"),
+    (["--latency", "--backends", "cpu"], "--backends"),
+    (["--latency", "--modes", "fwd"], "--modes (use --latency-modes"),
+    (["--latency", "--baselines", "eager,floor"], "--baselines floor"),
+    (["--latency", "--latency-m", "1,0"], "integers > 0"),
+    (["--latency", "--latency-kn", "x"], "integers > 0"),
+    (["--latency", "--latency-modes", "serving"], "unknown latency mode serving"),
+    (["--latency-m", "1,2"], "--latency-m need --latency"),
+])
+def test_latency_bad_options_are_rejected(argv, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        cli.main([*argv, "--out", str(tmp_path)])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_latency_measures_again_when_a_calibration_call_was_slow(monkeypatch):
+    """A burst of load during the one calibration call leaves a provider at one call per sample,
+    far shorter than the sample time: the latency mode measures again."""
+    from argparse import Namespace
+
+    from fused_backprop.bench import latency
+
+    results = iter([{"a": timing.Measurement([1e-5, 1e-5], 1)}, {"a": timing.Measurement([1e-5, 1e-5], 200)}])
+    monkeypatch.setattr(timing, "measure_interleaved", lambda *a, **k: next(results))
+    args = Namespace(warmup=1, repeat=2, min_sample_ms=2.0)
+    measurements, tries = latency.measure({"a": lambda: None}, timing.Clock(), args, None)
+    assert tries == 2 and measurements["a"].number == 200

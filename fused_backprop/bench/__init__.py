@@ -7,7 +7,8 @@ backward and forward+backward, and reports medians, spread, GFLOP/s and the rati
 JSON and PNG plots. ``python -m fused_backprop.bench --help`` lists the options.
 
 Modules: ``cases`` (what is run and checked), ``timing`` (the clocks), ``report`` (table, CSV,
-JSON), ``plots`` (PNGs), ``cli`` (the command line and the run loop).
+JSON), ``plots`` (PNGs), ``cli`` (the command line and the run loop), ``latency`` (``--latency``: time
+per call of one layer across batch sizes M, inference and training step).
 """
 
 from .cli import main, run  # noqa: F401

@@ -5,6 +5,7 @@
     python -m fused_backprop.bench --modes all --recompute both --dtypes float32,bfloat16
     python -m fused_backprop.bench --shapes 4096x128x128 --backends cpu,torch --baselines eager,floor
     python -m fused_backprop.bench --list              # which backends run here, and why not
+    python -m fused_backprop.bench --latency           # time per call across batch sizes M (latency.py)
 
 Every case (device, dtype, activation, M×K×N) first checks each backend against the ``torch``
 backend in float64: a backend whose output or gradients are off is reported as WRONG and not
@@ -142,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
     p.add_argument("--list", action="store_true", help="list the backends and whether they run here, then exit")
+    from . import latency  # the --latency mode and its options
+    latency.add_arguments(p)
     return p
 
 
@@ -448,7 +451,12 @@ def separate_inductor_cache() -> None:
 def main(argv=None) -> int:
     separate_inductor_cache()
     parser = build_parser()
-    args = resolve_options(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    from . import latency
+    if args.latency:
+        return latency.main(args, parser)
+    latency.reject_options(args, parser)
+    args = resolve_options(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     if "cuda" in args.devices and not torch.cuda.is_available():
