@@ -314,7 +314,6 @@ def plan(root: nn.Module, allowed=SUPPORTED):
     """(records, swaps, graphs): what fuse would do; nothing is changed."""
     matcher, calls = _Matcher(), Counter()
     slots = Counter(id(m) for _, m in root.named_modules(remove_duplicate=False))
-    names = {id(m): n for n, m in root.named_modules()}
     parents = {id(c): (m, n) for m in root.modules() for n, c in m.named_children()}
     has_linear: dict[int, bool] = {}
 
