@@ -128,9 +128,9 @@ class BuildExtension(cpp_extension.BuildExtension):
 
 def extension():
     levels = cpu_levels()
-    base = [p for p in glob.glob(os.path.join(ROOT, "csrc", "*.cpp")) + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp"))
-            if level_of(p) is None]
-    sources = _rel(base) + [os.path.join("csrc", "cpu", f"kernels_{level}.cpp") for level in levels]
+    # Every source but the kernels_<LEVEL>.cpp of levels not built (the link order is link_rank's).
+    cpp = glob.glob(os.path.join(ROOT, "csrc", "*.cpp")) + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp"))
+    sources = _rel(p for p in cpp if level_of(p) in (None, *levels))
     cxx = ["-O3", "-std=c++20", "-fopenmp"] + [f"-DFUSED_BACKPROP_HAVE_{level}" for level in levels]
     kwargs = dict(include_dirs=[os.path.join(ROOT, "csrc")], extra_link_args=["-fopenmp"])
     cuda_sources = _rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")) +

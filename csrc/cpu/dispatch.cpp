@@ -28,15 +28,6 @@ const Kernels& choose() {
   return DEFAULT::kernels;
 }
 
-}  // namespace
-
-const Kernels& kernels() {
-  static const Kernels& chosen = choose();
-  return chosen;
-}
-
-namespace {
-
 // The cache cpu0 sees, from sysfs (as "32768K"), else sysconf, else `fallback`. sysfs first: on
 // AMD EPYC glibc's sysconf gives the whole package's L3 (384 MiB) where a core shares 32 MiB.
 int64_t cache_bytes(const char* sysfs_index, int sysconf_name, int64_t fallback) {
@@ -57,6 +48,11 @@ constexpr int kSysconfL2 = -1, kSysconfL3 = -1;
 #endif
 
 }  // namespace
+
+const Kernels& kernels() {
+  static const Kernels& chosen = choose();
+  return chosen;
+}
 
 int64_t l2_cache_bytes() {
   static const int64_t bytes = cache_bytes("index2", kSysconfL2, int64_t(1) << 20);

@@ -6,14 +6,14 @@
 //
 // Both kernels walk the rows in panels sized to stay in L2, one panel per task of
 // at::parallel_for, and finish each panel while it is still in cache:
-//   forward   out_p = act(x_p · Wᵀ + b)                 GEMM, then bias + activation in place
+//   forward   out_p = act(x_p · Wᵀ + b)                 GEMM onto a copy of b, then act in place
 //   backward  dz_p  = g_p ⊙ act'(y_p)                    (or act'(x_p · Wᵀ + b) under recompute)
 //             db   += column sums of dz_p                 per-panel partials, summed in order
 //             dx_p  = dz_p · W                            GEMM on the cached panel
 //             dW   += dz_pᵀ · x_p                         per-thread accumulators (float, double);
 //                                                         16-bit: dz is kept, dW = dzᵀ·x is one GEMM
 // For float and double, a W larger than L2 (streamed once per panel) or few rows send both passes
-// to row chunks with multithreaded GEMMs instead (use_chunks). The forward (and the backward's
+// to row chunks with multithreaded GEMMs instead (use_chunks; the bias joins in their epilogue). The forward (and the backward's
 // chunks) pack a float W once for all panels or chunks (SharedB in gemm.h). Our reductions have
 // a fixed order for a given thread count, so with a given BLAS the results are deterministic.
 #pragma once
@@ -206,16 +206,14 @@ void form_dz(T* dz, const T* g, const T* y, const uint8_t* sign_mask, const T* b
     } else if (y != nullptr) {
       map_row(n, []<typename M, typename V>(V go, V out) { return go * Act<A>::template grad_from_output<V, M>(out); },
               dz_i, g_i, y + (r0 + i) * n);
+    } else if (b == nullptr) {
+      map_row(n, []<typename M, typename V>(V z, V go) { return go * Act<A>::template grad_from_preact<V, M>(z); },
+              dz_i, dz_i, g_i);
     } else {
-      if (b == nullptr) {
-        map_row(n, []<typename M, typename V>(V z, V go) { return go * Act<A>::template grad_from_preact<V, M>(z); },
-                dz_i, dz_i, g_i);
-      } else {
-        map_row(n, []<typename M, typename V>(V z, V go, V bias) {
-                  return go * Act<A>::template grad_from_preact<V, M>(z + bias);
-                },
-                dz_i, dz_i, g_i, b);
-      }
+      map_row(n, []<typename M, typename V>(V z, V go, V bias) {
+                return go * Act<A>::template grad_from_preact<V, M>(z + bias);
+              },
+              dz_i, dz_i, g_i, b);
     }
   }
 }
