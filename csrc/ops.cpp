@@ -10,10 +10,13 @@
 namespace fused_backprop {
 
 Activation parse_activation(std::string_view activation) {
-  if (activation == "relu") return Activation::ReLU;
-  if (activation == "sigmoid") return Activation::Sigmoid;
-  TORCH_CHECK_VALUE(false, "fused_backprop: activation must be 'relu' or 'sigmoid', got '",
-                    std::string(activation), "'");
+  for (int i = 0; i < kNumActivations; ++i) {
+    if (activation == kActivations[i].name) return static_cast<Activation>(i);
+  }
+  std::string valid;
+  for (const auto& a : kActivations) valid += (valid.empty() ? "'" : ", '") + std::string(a.name) + "'";
+  TORCH_CHECK_VALUE(false, "fused_backprop: activation must be one of ", valid, "; got '", std::string(activation),
+                    "'");
 }
 
 namespace {
@@ -35,6 +38,15 @@ void check_like_x(const at::Tensor& x, const at::Tensor& t, const char* name) {
 }
 
 }  // namespace
+
+Activation check_sign_mask_args(const at::Tensor& y, std::string_view activation) {
+  const Activation act = parse_activation(activation);
+  TORCH_CHECK_VALUE(info(act).sign_decides, "fused_backprop: sign_mask_pack: activation must be 'relu' or "
+                    "'leaky_relu' (whose derivative the sign alone decides), got '", std::string(activation), "'");
+  TORCH_CHECK_TYPE(y.is_floating_point(), "fused_backprop: sign_mask_pack: y must be floating point, got ",
+                   y.scalar_type());
+  return act;
+}
 
 bool is_sign_mask(const std::optional<at::Tensor>& out) {
   return out.has_value() && out->scalar_type() == at::kByte;
@@ -65,7 +77,7 @@ Activation check_forward_args(const at::Tensor& x, const at::Tensor& weight,
 Activation check_backward_args(const at::Tensor& grad_out, const at::Tensor& x,
                                const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                const std::optional<at::Tensor>& out, std::string_view activation,
-                               at::ArrayRef<at::ScalarType> dtypes, bool accept_sign_mask) {
+                               double negative_slope, at::ArrayRef<at::ScalarType> dtypes, bool accept_sign_mask) {
   const Activation act = check_forward_args(x, weight, bias, activation, dtypes);
   const std::array<int64_t, 2> expected{x.size(0), weight.size(0)};
   check_like_x(x, grad_out, "grad_out");
@@ -73,8 +85,12 @@ Activation check_backward_args(const at::Tensor& grad_out, const at::Tensor& x,
                     at::IntArrayRef(expected), ", got ", grad_out.sizes());
   if (accept_sign_mask && is_sign_mask(out)) {
     const int64_t bytes = (expected[0] * expected[1] + 7) / 8;
-    TORCH_CHECK_VALUE(act == Activation::ReLU, "fused_backprop: out may be a packed sign mask (uint8) only for "
-                      "activation 'relu', got '", std::string(activation), "'");
+    TORCH_CHECK_VALUE(info(act).sign_decides, "fused_backprop: out may be a packed sign mask (uint8) only for "
+                      "activations 'relu' and 'leaky_relu', got '", std::string(activation), "'");
+    // With a negative slope, y > 0 for z < 0 too: the sign of y does not give the branch.
+    TORCH_CHECK_VALUE(!(act == Activation::LeakyReLU && negative_slope < 0), "fused_backprop: out may not be a "
+                      "packed sign mask for activation 'leaky_relu' with negative_slope < 0, got negative_slope = ",
+                      negative_slope);
     TORCH_CHECK(out->device() == x.device(), "fused_backprop: out must be on the same device as input (",
                 x.device(), "), got ", out->device());
     TORCH_CHECK_VALUE(out->dim() == 1 && out->size(0) == bytes, "fused_backprop: out as a packed sign mask must "
@@ -90,10 +106,19 @@ Activation check_backward_args(const at::Tensor& grad_out, const at::Tensor& x,
 }  // namespace fused_backprop
 
 TORCH_LIBRARY(fused_backprop, m) {
-  m.def("linear_act_fwd(Tensor x, Tensor weight, Tensor? bias, str activation) -> Tensor");
+  // negative_slope: leaky relu's parameter (the other activations ignore it), as F.leaky_relu's.
+  m.def("linear_act_fwd(Tensor x, Tensor weight, Tensor? bias, str activation, float negative_slope=0.01) -> Tensor");
+  // The forward that also returns the pre-activation z (what backward takes as `out` for the
+  // activations whose derivative is not a function of the output: gelu, gelu_tanh, silu).
+  m.def("linear_act_fwd_preact(Tensor x, Tensor weight, Tensor? bias, str activation, float negative_slope=0.01) "
+        "-> (Tensor, Tensor)");
+  // out: the layer output (saved = Output in activations.def), the pre-activation (Preact; also
+  // for leaky relu with negative_slope < 0, whose output does not tell the branch; its formula
+  // reads either), a packed sign mask (relu, leaky relu), or None to recompute the pre-activation.
   m.def(
       "linear_act_bwd(Tensor grad_out, Tensor x, Tensor weight, Tensor? bias, Tensor? out, str activation, "
-      "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
-  // relu's packed 1-bit sign mask of y (see check_backward_args): uint8, ceil(numel / 8) bytes.
-  m.def("sign_mask_pack(Tensor y) -> Tensor");
+      "bool[3] output_mask, float negative_slope=0.01) -> (Tensor, Tensor, Tensor)");
+  // The packed 1-bit sign mask of y for relu or leaky relu (see check_backward_args): uint8,
+  // ceil(numel / 8) bytes.
+  m.def("sign_mask_pack(Tensor y, str activation=\"relu\") -> Tensor");
 }

@@ -13,7 +13,8 @@
 
 namespace fused_backprop {
 
-// Parses "relu" / "sigmoid"; anything else is an error that names the argument.
+// Parses an activation name of activations.def; anything else is an error that names the argument
+// and lists the valid names.
 Activation parse_activation(std::string_view activation);
 
 // Checks linear_act_fwd's arguments: x (M, K), weight (N, K), bias (N) or None, one floating
@@ -23,13 +24,18 @@ Activation check_forward_args(const at::Tensor& x, const at::Tensor& weight,
                               at::ArrayRef<at::ScalarType> dtypes);
 
 // Checks linear_act_bwd's arguments: the forward's, plus grad_out (M, N) and out (M, N) or None.
-// With accept_sign_mask, out may instead be relu's packed sign mask: uint8 of ceil(M * N / 8)
-// bytes, bit i of byte j set where element 8j + i of the output is not <= 0
+// out holds the layer output or the pre-activation, per the activation's `saved` kind. With
+// accept_sign_mask, out may instead be relu's or leaky relu's packed sign mask: uint8 of
+// ceil(M * N / 8) bytes, bit i of byte j = Act<A>::mask_bit of element 8j + i of the output
 // (fused_backprop/sign_mask.py).
 Activation check_backward_args(const at::Tensor& grad_out, const at::Tensor& x,
                                const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                const std::optional<at::Tensor>& out, std::string_view activation,
-                               at::ArrayRef<at::ScalarType> dtypes, bool accept_sign_mask = false);
+                               double negative_slope, at::ArrayRef<at::ScalarType> dtypes,
+                               bool accept_sign_mask = false);
+
+// Checks sign_mask_pack's arguments: a floating y, an activation whose sign decides its derivative.
+Activation check_sign_mask_args(const at::Tensor& y, std::string_view activation);
 
 // Whether linear_act_bwd's out is a packed sign mask rather than the layer output.
 bool is_sign_mask(const std::optional<at::Tensor>& out);

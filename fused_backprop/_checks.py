@@ -17,6 +17,12 @@ def check_activation(activation) -> str:
     return activation
 
 
+def check_negative_slope(negative_slope) -> float:
+    if isinstance(negative_slope, bool) or not isinstance(negative_slope, (int, float)):
+        raise TypeError(f"negative_slope must be a float, got {type(negative_slope).__name__}")
+    return float(negative_slope)
+
+
 def check_recompute(recompute) -> bool:
     if not isinstance(recompute, bool):
         raise TypeError(f"recompute must be a bool, got {type(recompute).__name__}")

@@ -37,12 +37,17 @@ def cpu_capability() -> str:
 if BUILD_ERROR is None:
 
     @torch.library.register_fake("fused_backprop::linear_act_fwd")
-    def _linear_act_fwd_fake(x, weight, bias, activation):
+    def _linear_act_fwd_fake(x, weight, bias, activation, negative_slope=0.01):
         torch._check(x.dim() == 2 and weight.dim() == 2 and x.shape[1] == weight.shape[1])
         return x.new_empty((x.shape[0], weight.shape[0]))
 
+    @torch.library.register_fake("fused_backprop::linear_act_fwd_preact")
+    def _linear_act_fwd_preact_fake(x, weight, bias, activation, negative_slope=0.01):
+        out = _linear_act_fwd_fake(x, weight, bias, activation)
+        return out, torch.empty_like(out)
+
     @torch.library.register_fake("fused_backprop::linear_act_bwd")
-    def _linear_act_bwd_fake(grad_out, x, weight, bias, out, activation, output_mask):
+    def _linear_act_bwd_fake(grad_out, x, weight, bias, out, activation, output_mask, negative_slope=0.01):
         torch._check(x.dim() == 2 and weight.dim() == 2 and x.shape[1] == weight.shape[1])
         n = weight.shape[0]
         return (x.new_empty(x.shape) if output_mask[0] else x.new_empty((0,)),
@@ -50,10 +55,11 @@ if BUILD_ERROR is None:
                 weight.new_empty((n,)) if output_mask[2] and bias is not None else x.new_empty((0,)))
 
     @torch.library.register_fake("fused_backprop::sign_mask_pack")
-    def _sign_mask_pack_fake(y):
+    def _sign_mask_pack_fake(y, activation="relu"):
         return y.new_empty(((y.numel() + 7) // 8,), dtype=torch.uint8)
 
-    from .autograd import register_backward_op_autograd, register_op_autograd
+    from .autograd import register_backward_op_autograd, register_op_autograd, register_preact_op_autograd
 
     register_op_autograd("fused_backprop::linear_act_fwd", backend_name=None)
+    register_preact_op_autograd("fused_backprop::linear_act_fwd_preact")
     register_backward_op_autograd("fused_backprop::linear_act_bwd")

@@ -15,12 +15,14 @@ import torch
 import torch.nn.functional as F
 
 from . import backends, sign_mask
+from .activations import saves_output, uses_sign_mask
 from .autograd import linear_act_backward
 from .backends import Backend
 
 
 class LayerSpec(NamedTuple):
     activation: Optional[str]  # None: a plain linear layer (the logits of last_activation=False)
+    negative_slope: Optional[float]
     has_bias: bool
 
 
@@ -37,7 +39,7 @@ def _split_params(specs, params):
 def _layer_forward(backend: Backend, spec: LayerSpec, x, w, b):
     if spec.activation is None:
         return F.linear(x, w, b)
-    return backend.forward(x, w, b, spec.activation)
+    return backend.forward(x, w, b, spec.activation, spec.negative_slope)
 
 
 def _stack_forward(backend, specs, x, layers):
@@ -69,13 +71,14 @@ class BlockFunction(torch.autograd.Function):
 
 def _fused_backward(backend, specs, x, layers, grad, needs_input_grad):
     # Rebuild each layer's input: hidden[i] feeds layer i. What layer i's backward reads of its
-    # output: relu's packed sign mask (so hidden[i + 1] can go as soon as layer i + 1 is done),
-    # sigmoid's output itself; the last layer's output is not rebuilt at all (its backward
+    # output: the packed sign mask (relu, leaky relu: so hidden[i + 1] can go as soon as layer
+    # i + 1 is done), the output itself (sigmoid, tanh), or nothing (gelu, silu: their backward
+    # recomputes the pre-activation); the last layer's output is not rebuilt at all (its backward
     # recomputes the pre-activation in cache: the same GEMM, one activation less held).
     hidden, outs = [x], []
     for spec, (w, b) in zip(specs[:-1], layers[:-1]):
         hidden.append(_layer_forward(backend, spec, hidden[-1], w, b))
-        outs.append(sign_mask.pack(hidden[-1]) if spec.activation == "relu" else hidden[-1])
+        outs.append(_kept(spec, hidden[-1]))
     outs.append(None)
     flags = iter(needs_input_grad[3:])
     param_needs = [(next(flags), next(flags) if b is not None else False) for _, b in layers]
@@ -89,11 +92,19 @@ def _fused_backward(backend, specs, x, layers, grad, needs_input_grad):
             dw = grad.t().mm(layer_in) if mask[1] else None
             db = grad.sum(0) if mask[2] else None
         else:
-            dx, dw, db = linear_act_backward(grad, layer_in, w, b, out, spec.activation, mask, backend)
+            dx, dw, db = linear_act_backward(grad, layer_in, w, b, out, spec.activation, mask, spec.negative_slope,
+                                             backend)
         del layer_in, out
         param_grads[:0] = [dw] + ([db] if b is not None else [])
         grad = dx
     return [grad, *param_grads]
+
+
+def _kept(spec: LayerSpec, out):
+    """What a layer's backward reads of its rebuilt output (None: recompute the pre-activation)."""
+    if spec.activation is None or not saves_output(spec.activation, spec.negative_slope):
+        return None
+    return sign_mask.pack(out, spec.activation) if uses_sign_mask(spec.activation, spec.negative_slope) else out
 
 
 def _differentiable_backward(specs, x, params, layers, grad_out, needs_input_grad):

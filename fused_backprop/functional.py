@@ -10,26 +10,31 @@ import math
 import torch
 
 from . import backends
-from ._checks import check_activation, check_linear_args, check_recompute
+from ._checks import check_activation, check_linear_args, check_negative_slope, check_recompute
+from .activations import DEFAULT_NEGATIVE_SLOPE
 from .autograd import LinearActFunction
 
 
 def linear_act(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-               activation: str = "relu", *, recompute: bool = False, backend: str = "auto") -> torch.Tensor:
+               activation: str = "relu", *, negative_slope: float = DEFAULT_NEGATIVE_SLOPE, recompute: bool = False,
+               backend: str = "auto") -> torch.Tensor:
     """``activation(input @ weight.T + bias)`` with forward and backward as fused kernels.
 
-    ``recompute=True`` saves only input and parameters for backward and recomputes the
+    ``activation`` is one of ``fused_backprop.ACTIVATIONS``; ``negative_slope`` is leaky relu's
+    (as ``F.leaky_relu``; the other activations ignore it). ``recompute=True`` saves only input
+    and parameters for backward (and relu's or leaky relu's 1-bit sign mask) and recomputes the
     pre-activation there instead of keeping the output. ``backend`` is "auto" (fastest built
     backend for the input's device) or one of ``fused_backprop.available_backends(device)``."""
     input, weight, bias = autocast_args(input, weight, bias)
     check_linear_args(input, weight, bias)
     check_activation(activation)
+    negative_slope = check_negative_slope(negative_slope)
     check_recompute(recompute)
     impl = backends.resolve(backend, input.device)
     if input.dim() == 2:
-        return LinearActFunction.apply(input, weight, bias, activation, recompute, impl)
+        return LinearActFunction.apply(input, weight, bias, activation, negative_slope, recompute, impl)
     x = input.reshape(math.prod(input.shape[:-1]), input.shape[-1])
-    out = LinearActFunction.apply(x, weight, bias, activation, recompute, impl)
+    out = LinearActFunction.apply(x, weight, bias, activation, negative_slope, recompute, impl)
     return out.reshape(*input.shape[:-1], weight.shape[0])
 
 

@@ -7,7 +7,8 @@ from torch import nn
 
 from . import backends
 from ._checks import check_recompute
-from .fx_fuse import ACTIVATIONS, SUPPORTED, FuseRecord, apply, format_report, plan
+from .activations import ACTIVATIONS
+from .fx_fuse import SUPPORTED, FuseRecord, apply, format_report, plan
 
 __all__ = ["fuse", "fuse_report", "FuseRecord"]
 

@@ -40,29 +40,14 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from .modules import FUSED_LAYERS, FusedLinearAct
+from .activations import ACTIVATIONS, DEFAULT_NEGATIVE_SLOPE, ActivationSpec
+from .modules import FUSED_LAYERS, FusedLinearAct, fused_layer_from_linear
 
 
-class Activation(NamedTuple):
-    modules: tuple = ()    # nn types (exact class)
-    functions: tuple = ()  # call_function targets
-    methods: tuple = ()    # Tensor method names
-    params: dict = {}      # attribute (module) / keyword (function) values this entry needs
+_PARAM_DEFAULTS = {"approximate": "none", "negative_slope": DEFAULT_NEGATIVE_SLOPE}
 
-
-_PARAM_DEFAULTS = {"approximate": "none", "negative_slope": 0.01}
-
-# Every activation fuse recognises, one entry each. Those with a fused layer (modules.FUSED_LAYERS)
-# are fused; the others are reported as "unsupported activation '<name>'".
-ACTIVATIONS = {
-    "relu": Activation((nn.ReLU,), (F.relu, torch.relu, F.relu_, torch.relu_), ("relu", "relu_")),
-    "sigmoid": Activation((nn.Sigmoid,), (torch.sigmoid, F.sigmoid, torch.sigmoid_), ("sigmoid", "sigmoid_")),
-    "tanh": Activation((nn.Tanh,), (torch.tanh, F.tanh, torch.tanh_), ("tanh", "tanh_")),
-    "leaky_relu": Activation((nn.LeakyReLU,), (F.leaky_relu, F.leaky_relu_), (), {"negative_slope": 0.01}),
-    "gelu": Activation((nn.GELU,), (F.gelu,), (), {"approximate": "none"}),
-    "gelu_tanh": Activation((nn.GELU,), (F.gelu,), (), {"approximate": "tanh"}),
-    "silu": Activation((nn.SiLU,), (F.silu,), ()),
-}
+# Every activation fuse recognises (the registry's modules/functions/methods/params); those with a
+# fused layer (modules.FUSED_LAYERS) are fused, the others reported as "unsupported activation".
 SUPPORTED = tuple(name for name in ACTIVATIONS if name in FUSED_LAYERS)
 
 _DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
@@ -126,8 +111,13 @@ def _single_input(node: fx.Node, arg: fx.Node) -> bool:
     return node.args[:1] == (arg,) and len(node.args) == 1 and arg not in node.kwargs.values()
 
 
-def _params_match(act: Activation, get) -> bool:
-    return all(get(k, _PARAM_DEFAULTS.get(k)) == v for k, v in act.params.items())
+def _params_match(act: ActivationSpec, get) -> bool:
+    """Whether the attributes / keywords ``get`` reads select ``act`` (a None in its params: any value)."""
+    return all(v is None or get(k, _PARAM_DEFAULTS.get(k)) == v for k, v in act.params.items())
+
+
+def _slope(get) -> float:
+    return float(get("negative_slope", DEFAULT_NEGATIVE_SLOPE))
 
 
 def _is_noop_module(m: nn.Module) -> bool:
@@ -163,7 +153,9 @@ class _Matcher:
                     or not _single_input(nodes[1], nodes[0]):
                 return None
             names.add(self.node_activation(nodes[1], m))
-        return names.pop() if len(names) == 1 else None
+        name = names.pop() if len(names) == 1 else None
+        # A parameter value (leaky relu's slope) inside a wrapper's forward is not carried over.
+        return name if name is None or None not in ACTIVATIONS[name].params.values() else None
 
     def node_activation(self, node: fx.Node, owner: nn.Module) -> Optional[str]:
         if node.op == "call_module":
@@ -209,6 +201,7 @@ class _Pair:
     activation: str
     act_node: Optional[fx.Node] = None  # fx path: the activation call
     act_slot: Optional[str] = None      # the activation module's target (module form)
+    negative_slope: float = DEFAULT_NEGATIVE_SLOPE  # leaky relu's, as the model has it
 
 
 @dataclass
@@ -241,15 +234,17 @@ def _analyse_graph(gm: fx.GraphModule, module: nn.Module, matcher: _Matcher, all
         if act_node is None:
             decisions[node.target] = found
         else:
+            slot = act_node.target if act_node.op == "call_module" else None
+            get = (lambda k, d: getattr(module.get_submodule(slot), k, d)) if slot else act_node.kwargs.get
             decisions[node.target] = _reason_for(found, allowed) or _Pair(
-                module, node.target, found, act_node, act_node.target if act_node.op == "call_module" else None)
+                module, node.target, found, act_node, slot, _slope(get))
     return decisions
 
 
 def _same(a, b) -> bool:
     if isinstance(a, _Pair) and isinstance(b, _Pair):
-        return (a.linear, a.activation, a.act_slot, a.act_node.op, a.act_node.target) == \
-               (b.linear, b.activation, b.act_slot, b.act_node.op, b.act_node.target)
+        return (a.linear, a.activation, a.act_slot, a.act_node.op, a.act_node.target, a.negative_slope) == \
+               (b.linear, b.activation, b.act_slot, b.act_node.op, b.act_node.target, b.negative_slope)
     return a == b
 
 
@@ -298,7 +293,9 @@ def _walk_sequential(seq: nn.Sequential, matcher: _Matcher, allowed, calls: Coun
             j += 1
         found = matcher.module_activation(seq._modules[names[j]]) if j < len(names) else None
         decisions[name] = ("no activation after it" if found is None
-                           else _reason_for(found, allowed) or _Pair(seq, name, found, act_slot=names[j]))
+                           else _reason_for(found, allowed) or _Pair(
+                               seq, name, found, act_slot=names[j],
+                               negative_slope=_slope(lambda k, d: getattr(seq._modules[names[j]], k, d))))
     return _Unit(seq, decisions, graph_ok="activation module used elsewhere", sequential=True)
 
 
@@ -388,8 +385,9 @@ def plan(root: nn.Module, allowed=SUPPORTED):
 
 # --- rewriting ----------------------------------------------------------------------------------
 
-def _fused(linear: nn.Linear, activation: str, recompute: bool, backend: str) -> FusedLinearAct:
-    return FUSED_LAYERS[activation].from_linear(linear, recompute=recompute, backend=backend)
+def _fused(linear: nn.Linear, pair: _Pair, recompute: bool, backend: str) -> FusedLinearAct:
+    return fused_layer_from_linear(linear, pair.activation, negative_slope=pair.negative_slope, recompute=recompute,
+                                   backend=backend)
 
 
 def _set_copied(module: nn.Module, target: str, new: nn.Module) -> None:
@@ -409,7 +407,7 @@ def _graph_module(unit: _Unit, pairs, recompute: bool, backend: str) -> fx.Graph
     gm._non_persistent_buffers_set = set(src._non_persistent_buffers_set)
     gm.training = src.training
     for p in pairs:
-        _set_copied(gm, p.linear, _fused(src.get_submodule(p.linear), p.activation, recompute, backend))
+        _set_copied(gm, p.linear, _fused(src.get_submodule(p.linear), p, recompute, backend))
         p.act_node.replace_all_uses_with(p.act_node.args[0])
         gm.graph.erase_node(p.act_node)
     gm.graph.lint()
@@ -420,7 +418,7 @@ def _graph_module(unit: _Unit, pairs, recompute: bool, backend: str) -> fx.Graph
 def apply(root: nn.Module, swaps, graphs, *, recompute: bool, backend: str) -> nn.Module:
     for p in swaps:
         (lin_parent, lin_name), (act_parent, act_name) = _split(p.owner, p.linear), _split(p.owner, p.act_slot)
-        lin_parent._modules[lin_name] = _fused(lin_parent._modules[lin_name], p.activation, recompute, backend)
+        lin_parent._modules[lin_name] = _fused(lin_parent._modules[lin_name], p, recompute, backend)
         act_parent._modules[act_name] = nn.Identity()
     for unit, pairs, parent in graphs:  # deepest first: a parent copies its children's rewrites
         gm = _graph_module(unit, pairs, recompute, backend)

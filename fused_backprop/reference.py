@@ -7,16 +7,19 @@ With ``z = x Wᵀ + b`` (the pre-activation) and ``dz = grad_y ⊙ act'(z)`` the
     dx = dz W        dW = dzᵀ x        db = Σ_rows dz
 
 (leading dims of x are flattened into rows first). ``act'`` comes either from the saved output y
-(relu: ``[y > 0]``, sigmoid: ``y (1 - y)``) or from z recomputed from x, W, b.
+(relu: ``[y > 0]``, sigmoid: ``y (1 - y)``, tanh: ``1 - y²``, leaky relu), or from z: kept
+(gelu, gelu_tanh, silu, whose derivative y does not determine) or recomputed from x, W, b.
 """
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+import math
+from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 
-__all__ = ["relu", "relu_grad", "sigmoid", "sigmoid_grad", "identity", "ACTIVATIONS",
+__all__ = ["relu", "relu_grad", "sigmoid", "sigmoid_grad", "tanh", "leaky_relu", "leaky_relu_grad", "gelu",
+           "gelu_grad", "gelu_tanh", "gelu_tanh_grad", "silu", "silu_grad", "identity", "ACTIVATIONS",
            "forward", "backward", "NumpyMLP", "numerical_gradient", "gradient_check"]
 
 # Beyond this |z|, exp(-|z|) would underflow (exp(-708) is the last normal double); use 0.
@@ -58,16 +61,81 @@ def identity(z):
     return z
 
 
+def tanh(z):
+    """tanh(z) (NumPy's; ±1 at ±inf)."""
+    return np.tanh(z)
+
+
+def leaky_relu(z, negative_slope=0.01):
+    """z for z > 0, else negative_slope · z (NaN stays NaN)."""
+    return np.where(z > 0, z, z * negative_slope)
+
+
+def leaky_relu_grad(v, negative_slope=0.01):
+    """1 for z > 0, else negative_slope (also at 0 and at NaN, as torch); from y too when the slope is >= 0."""
+    return np.where(v > 0, 1.0, negative_slope)
+
+
+_erf = np.vectorize(math.erf, otypes=[np.float64])
+
+
+def _normal_pdf(z):
+    return np.exp(-0.5 * np.minimum(z * z, 2 * _EXP_CUTOFF)) / math.sqrt(2 * math.pi)
+
+
+def gelu(z):
+    """z Φ(z), Φ the standard normal CDF = (1 + erf(z / √2)) / 2."""
+    return z * 0.5 * (1.0 + _erf(z / math.sqrt(2.0)))
+
+
+def gelu_grad(z):
+    """Φ(z) + z φ(z), φ the standard normal density."""
+    return 0.5 * (1.0 + _erf(z / math.sqrt(2.0))) + z * _normal_pdf(z)
+
+
+_GELU_C, _GELU_K = math.sqrt(2.0 / math.pi), 0.044715
+
+
+def gelu_tanh(z):
+    """z (1 + tanh(c (z + k z³))) / 2 with c = √(2/π), k = 0.044715."""
+    return 0.5 * z * (1.0 + np.tanh(_GELU_C * (z + _GELU_K * z ** 3)))
+
+
+def gelu_tanh_grad(z):
+    """d/dz of gelu_tanh: (1 + t)/2 + z (1 - t²) c (1 + 3k z²) / 2 with t = tanh(c (z + k z³))."""
+    t = np.tanh(_GELU_C * (z + _GELU_K * z ** 3))
+    return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t ** 2) * _GELU_C * (1.0 + 3.0 * _GELU_K * z ** 2)
+
+
+def silu(z):
+    """z σ(z)."""
+    return z * sigmoid(z)
+
+
+def silu_grad(z):
+    """σ(z) + z σ'(z)."""
+    return sigmoid(z) + z * sigmoid_grad(z)
+
+
 class Activation(NamedTuple):
-    forward: Callable
+    forward: Callable           # (z, negative_slope)
     grad_from_preact: Callable  # act'(z)
-    grad_from_output: Callable  # act'(z) written with y = act(z)
+    grad_from_output: Optional[Callable]  # act'(z) written with y = act(z); None if y does not determine it
+
+
+def _plain(f):
+    return lambda v, a: f(v)
 
 
 ACTIVATIONS = {
-    "relu": Activation(relu, relu_grad, relu_grad),
-    "sigmoid": Activation(sigmoid, sigmoid_grad, lambda y: y * (1.0 - y)),
-    "identity": Activation(identity, np.ones_like, np.ones_like),
+    "relu": Activation(_plain(relu), _plain(relu_grad), _plain(relu_grad)),
+    "sigmoid": Activation(_plain(sigmoid), _plain(sigmoid_grad), _plain(lambda y: y * (1.0 - y))),
+    "tanh": Activation(_plain(tanh), _plain(lambda z: 1.0 - np.tanh(z) ** 2), _plain(lambda y: 1.0 - y * y)),
+    "leaky_relu": Activation(leaky_relu, leaky_relu_grad, leaky_relu_grad),
+    "gelu": Activation(_plain(gelu), _plain(gelu_grad), None),
+    "gelu_tanh": Activation(_plain(gelu_tanh), _plain(gelu_tanh_grad), None),
+    "silu": Activation(_plain(silu), _plain(silu_grad), None),
+    "identity": Activation(_plain(identity), _plain(np.ones_like), _plain(np.ones_like)),
 }
 
 
@@ -113,19 +181,20 @@ def _preactivation(x, W, b):
     return z if b is None else z + b
 
 
-def forward(x, W, b=None, activation: str = "relu"):
+def forward(x, W, b=None, activation: str = "relu", negative_slope: float = 0.01):
     """y = act(x Wᵀ + b) for x (*, K), W (N, K), b (N,) or None; y has shape (*, N)."""
     act = _activation(activation)
     x, W, b = _layer_args(x, W, b)
-    return act.forward(_preactivation(x, W, b))
+    return act.forward(_preactivation(x, W, b), negative_slope)
 
 
-def backward(grad_y, x, W, b=None, y=None, activation: str = "relu"):
+def backward(grad_y, x, W, b=None, y=None, activation: str = "relu", negative_slope: float = 0.01, z=None):
     """(dx, dW, db) of y = act(x Wᵀ + b) given grad_y = ∂L/∂y:
 
     dz = grad_y ⊙ act'(z),  dx = dz W,  dW = dzᵀ x,  db = Σ_rows dz  (None when b is None).
 
-    act' is taken from the output ``y`` when given, else from z = x Wᵀ + b recomputed.
+    act' is taken from the pre-activation ``z`` when given, else from the output ``y`` when given
+    (only for activations whose derivative it determines), else from z = x Wᵀ + b recomputed.
     Leading dims of x are flattened into rows; dx gets x's shape back."""
     act = _activation(activation)
     x, W, b = _layer_args(x, W, b)
@@ -136,13 +205,21 @@ def backward(grad_y, x, W, b=None, y=None, activation: str = "relu"):
         raise ValueError(f"grad_y must have the output's shape {out_shape}, got {grad_y.shape}")
     rows = int(np.prod(x.shape[:-1]))
     x2, g2 = x.reshape(rows, k), grad_y.reshape(rows, n)
-    if y is None:
-        dz = g2 * act.grad_from_preact(_preactivation(x2, W, b))
+
+    def saved(name, v):
+        v = _as_float64(name, v)
+        if v.shape != out_shape:
+            raise ValueError(f"{name} must have the output's shape {out_shape}, got {v.shape}")
+        return v.reshape(rows, n)
+
+    if z is not None:
+        dz = g2 * act.grad_from_preact(saved("z", z), negative_slope)
+    elif y is not None:
+        if act.grad_from_output is None or (activation == "leaky_relu" and negative_slope < 0):
+            raise ValueError(f"y does not determine the derivative of {activation!r}: pass z or neither")
+        dz = g2 * act.grad_from_output(saved("y", y), negative_slope)
     else:
-        y = _as_float64("y", y)
-        if y.shape != out_shape:
-            raise ValueError(f"y must have the output's shape {out_shape}, got {y.shape}")
-        dz = g2 * act.grad_from_output(y.reshape(rows, n))
+        dz = g2 * act.grad_from_preact(_preactivation(x2, W, b), negative_slope)
     dx = (dz @ W).reshape(x.shape)
     dW = dz.T @ x2  # (N, 0) @ (0, K) is zeros when there are no rows
     db = None if b is None else dz.sum(axis=0)
@@ -203,7 +280,8 @@ class NumpyMLP:
         grads = []
         grad = _as_float64("grad_out", grad_out)
         for (W, b), activation, (x, y) in reversed(list(zip(self.params, self.activations, self.cache))):
-            grad, dW, db = backward(grad, x, W, b, y, activation)
+            y_kept = y if ACTIVATIONS[activation].grad_from_output is not None else None  # else recompute z
+            grad, dW, db = backward(grad, x, W, b, y_kept, activation)
             grads.append((dW, db))
         return grad, grads[::-1]
 

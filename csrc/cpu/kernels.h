@@ -15,21 +15,25 @@
 
 namespace fused_backprop::cpu {
 
-// out (m, n) = act(x (m, k) · w (n, k)ᵀ + b (n)).
+// out (m, n) = act(x (m, k) · w (n, k)ᵀ + b (n)), and preact (m, n) = the pre-activation unless
+// null. `a` is the activation's parameter (leaky relu's negative slope).
 struct ForwardArgs {
   at::ScalarType dtype;
   Activation act;
+  double a;
   const void *x, *w, *b;
-  void* out;
+  void *out, *preact;
   int64_t m, k, n;
 };
 
 // dx (m, k), dw (n, k), db (n) of the layer from grad_out g (m, n), each null when not wanted.
-// The derivative comes from the layer output y (m, n), or relu's packed sign mask, or (both null)
-// from the pre-activation, recomputed.
+// The derivative comes from y (m, n): the layer output or the pre-activation, as the activation's
+// kSaved says; or from the packed sign mask (relu, leaky relu); or (both null) from the
+// pre-activation, recomputed.
 struct BackwardArgs {
   at::ScalarType dtype;
   Activation act;
+  double a;
   const void *g, *x, *w, *b, *y;
   const uint8_t* sign_mask;
   int64_t m, k, n;
@@ -40,8 +44,8 @@ struct Kernels {
   const char* level;  // "DEFAULT", "AVX2", "AVX512"
   void (*forward)(const ForwardArgs&);
   void (*backward)(const BackwardArgs&);
-  // bytes[j] bit i = !(y[8j + i] <= 0) for the numel elements of y (of type dtype).
-  void (*sign_mask_pack)(at::ScalarType dtype, const void* y, int64_t numel, uint8_t* bytes);
+  // bytes[j] bit i = Act<act>::mask_bit(y[8j + i]) for the numel elements of y (of type dtype).
+  void (*sign_mask_pack)(at::ScalarType dtype, Activation act, const void* y, int64_t numel, uint8_t* bytes);
 };
 
 // Each level's table (defined by kernels_impl.h in kernels_<LEVEL>.cpp; only the levels setup.py

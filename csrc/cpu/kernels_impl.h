@@ -97,22 +97,32 @@ void preact_rows(const SharedB<T>& wt, const T* x, int64_t k, const T* b, T* z, 
   wt.gemm(r, {x, k}, z, n, /*accumulate=*/true);
 }
 
-// out = act(out + b), b null for no bias (already in out).
+// out = act(out + b), b null for no bias (already in out); preact, unless null, gets out + b.
 template <typename T, Activation A>
-void act_rows(T* out, const T* b, int64_t rows, int64_t n) {
+void act_rows(T* out, const T* b, int64_t rows, int64_t n, at::opmath_type<T> a, T* preact) {
+  const auto act = [a]<typename M, typename V>(V z) { return Act<A>::template forward<V, M>(z, V(a)); };
   for (int64_t i = 0; i < rows; ++i) {
     T* row = out + i * n;
-    if (b == nullptr) {
-      map_row(n, []<typename M, typename V>(V z) { return Act<A>::template forward<V, M>(z); }, row, row);
+    if (preact != nullptr) {
+      T* z = preact + i * n;
+      if (b == nullptr) {
+        std::memcpy(z, row, n * sizeof(T));
+      } else {
+        map_row(n, []<typename M, typename V>(V v, V bias) { return v + bias; }, z, row, b);
+      }
+      map_row(n, act, row, z);
+    } else if (b == nullptr) {
+      map_row(n, act, row, row);
     } else {
-      map_row(n, []<typename M, typename V>(V z, V bias) { return Act<A>::template forward<V, M>(z + bias); }, row,
+      map_row(n, [act]<typename M, typename V>(V z, V bias) { return act.template operator()<M>(z + bias); }, row,
               row, b);
     }
   }
 }
 
 template <typename T, Activation A>
-void forward_kernel(const T* x, const T* w, const T* b, T* out, int64_t m, int64_t k, int64_t n) {
+void forward_kernel(const T* x, const T* w, const T* b, T* out, T* preact, int64_t m, int64_t k, int64_t n,
+                    at::opmath_type<T> a) {
   if (!kReduced<T> && use_chunks(m, n * k * int64_t(sizeof(T)))) {
     // One multithreaded GEMM per chunk of rows, then the epilogue on all threads while the chunk
     // is still in the last-level cache.
@@ -123,7 +133,7 @@ void forward_kernel(const T* x, const T* w, const T* b, T* out, int64_t m, int64
       T* out_c = out + c0 * n;
       wt.gemm(r, {x + c0 * k, k}, out_c, n);
       at::parallel_for(0, r, elementwise_grain(n), [&](int64_t i0, int64_t i1) {
-        act_rows<T, A>(out_c + i0 * n, b, i1 - i0, n);
+        act_rows<T, A>(out_c + i0 * n, b, i1 - i0, n, a, preact ? preact + (c0 + i0) * n : nullptr);
       });
     }
     return;
@@ -136,18 +146,27 @@ void forward_kernel(const T* x, const T* w, const T* b, T* out, int64_t m, int64
       const int64_t r0 = p * rows, r = std::min(rows, m - r0);
       T* out_p = out + r0 * n;
       preact_rows(wt, x + r0 * k, k, b, out_p, r, n);
-      act_rows<T, A>(out_p, nullptr, r, n);
+      act_rows<T, A>(out_p, nullptr, r, n, a, preact ? preact + r0 * n : nullptr);
     }
   });
 }
 
-// dz = g where the packed sign mask has its bit, else 0 (relu's derivative from the mask).
-// Whole bytes go 8 elements at a time: AVX-512 takes the bits as a lane mask directly, AVX2 turns
-// them into lanes with one compare, elsewhere a constant shift per lane becomes SIMD blends. The
-// unaligned head and the tail go one element at a time.
-template <typename T>
-void dz_from_sign_mask(T* dz, const T* g, const uint8_t* mask, int64_t first, int64_t n) {
-  auto one = [&](int64_t j) { dz[j] = (mask[(first + j) >> 3] >> ((first + j) & 7)) & 1 ? g[j] : T(0); };
+// dz = g where the packed sign mask has its bit, else Act<A>::masked_off_dz(g) (relu: 0, leaky
+// relu: a g): the derivative from the mask. Whole bytes go 8 elements at a time: AVX-512 takes the
+// bits as a lane mask directly, AVX2 turns them into lanes with one compare, elsewhere a constant
+// shift per lane becomes SIMD blends. The unaligned head and the tail go one element at a time.
+template <typename T, Activation A>
+void dz_from_sign_mask(T* dz, const T* g, const uint8_t* mask, int64_t first, int64_t n, at::opmath_type<T> a) {
+  using acc_t = at::opmath_type<T>;
+  // Vectors of float or double, or one element (computed in acc_t, as torch does for 16-bit types).
+  auto off = [a](auto v) {
+    if constexpr (std::is_same_v<decltype(v), T>) {
+      return static_cast<T>(Act<A>::masked_off_dz(acc_t(v), a));
+    } else {
+      return Act<A>::masked_off_dz(v, decltype(v)(a));
+    }
+  };
+  auto one = [&](int64_t j) { dz[j] = (mask[(first + j) >> 3] >> ((first + j) & 7)) & 1 ? g[j] : off(g[j]); };
   int64_t j = 0;
   for (; j < n && (first + j) % 8 != 0; ++j) one(j);
 #if defined(CPU_CAPABILITY_AVX512)
@@ -156,11 +175,13 @@ void dz_from_sign_mask(T* dz, const T* g, const uint8_t* mask, int64_t first, in
     for (; j + 16 <= n; j += 16) {
       uint16_t bits;
       std::memcpy(&bits, mask + ((first + j) >> 3), 2);
-      _mm512_storeu_ps(dz + j, _mm512_maskz_loadu_ps(bits, g + j));
+      const __m512 gv = _mm512_loadu_ps(g + j);
+      _mm512_storeu_ps(dz + j, _mm512_mask_blend_ps(bits, off(at::vec::Vectorized<float>(gv)), gv));
     }
   } else if constexpr (std::is_same_v<T, double>) {
     for (; j + 8 <= n; j += 8) {
-      _mm512_storeu_pd(dz + j, _mm512_maskz_loadu_pd(mask[(first + j) >> 3], g + j));
+      const __m512d gv = _mm512_loadu_pd(g + j);
+      _mm512_storeu_pd(dz + j, _mm512_mask_blend_pd(mask[(first + j) >> 3], off(at::vec::Vectorized<double>(gv)), gv));
     }
   }
 #elif defined(CPU_CAPABILITY_AVX2)
@@ -170,7 +191,8 @@ void dz_from_sign_mask(T* dz, const T* g, const uint8_t* mask, int64_t first, in
     for (; j + 8 <= n; j += 8) {
       const __m256i bits = _mm256_and_si256(_mm256_set1_epi32(mask[(first + j) >> 3]), lane_bit);
       const __m256 keep = _mm256_castsi256_ps(_mm256_cmpeq_epi32(bits, lane_bit));
-      _mm256_storeu_ps(dz + j, _mm256_and_ps(_mm256_loadu_ps(g + j), keep));
+      const __m256 gv = _mm256_loadu_ps(g + j);
+      _mm256_storeu_ps(dz + j, _mm256_blendv_ps(off(at::vec::Vectorized<float>(gv)), gv, keep));
     }
   } else if constexpr (std::is_same_v<T, double>) {
     const __m256i lo_bit = _mm256_setr_epi64x(1, 2, 4, 8), hi_bit = _mm256_setr_epi64x(16, 32, 64, 128);
@@ -178,7 +200,8 @@ void dz_from_sign_mask(T* dz, const T* g, const uint8_t* mask, int64_t first, in
       const __m256i byte = _mm256_set1_epi64x(mask[(first + j) >> 3]);
       auto half = [&](__m256i lane_bit, const T* src, T* dst) {
         const __m256i keep = _mm256_cmpeq_epi64(_mm256_and_si256(byte, lane_bit), lane_bit);
-        _mm256_storeu_pd(dst, _mm256_and_pd(_mm256_loadu_pd(src), _mm256_castsi256_pd(keep)));
+        const __m256d gv = _mm256_loadu_pd(src);
+        _mm256_storeu_pd(dst, _mm256_blendv_pd(off(at::vec::Vectorized<double>(gv)), gv, _mm256_castsi256_pd(keep)));
       };
       half(lo_bit, g + j, dz + j);
       half(hi_bit, g + j + 4, dz + j + 4);
@@ -187,31 +210,31 @@ void dz_from_sign_mask(T* dz, const T* g, const uint8_t* mask, int64_t first, in
 #endif
   for (; j + 8 <= n; j += 8) {
     const uint8_t bits = mask[(first + j) >> 3];
-    for (int i = 0; i < 8; ++i) dz[j + i] = (bits >> i) & 1 ? g[j + i] : T(0);
+    for (int i = 0; i < 8; ++i) dz[j + i] = (bits >> i) & 1 ? g[j + i] : off(g[j + i]);
   }
   for (; j < n; ++j) one(j);
 }
 
 // dz for rows [r0, r0 + r) into dz (which holds the pre-activation when both y and sign_mask are
-// null, the bias added already where b is null): g ⊙ act'(·) from the layer output y, relu's
-// packed sign mask, or the pre-activation.
+// null, the bias added already where b is null): g ⊙ act'(·) from y (the layer output or the
+// pre-activation, as kSaved<A> says), the packed sign mask, or the pre-activation in dz.
 template <typename T, Activation A>
 void form_dz(T* dz, const T* g, const T* y, const uint8_t* sign_mask, const T* b, int64_t r0, int64_t r,
-             int64_t n) {
+             int64_t n, at::opmath_type<T> a) {
   for (int64_t i = 0; i < r; ++i) {
     T* dz_i = dz + i * n;
     const T* g_i = g + i * n;
     if (sign_mask != nullptr) {
-      dz_from_sign_mask(dz_i, g_i, sign_mask, (r0 + i) * n, n);
+      if constexpr (kSignDecides<A>) dz_from_sign_mask<T, A>(dz_i, g_i, sign_mask, (r0 + i) * n, n, a);
     } else if (y != nullptr) {
-      map_row(n, []<typename M, typename V>(V go, V out) { return go * Act<A>::template grad_from_output<V, M>(out); },
-              dz_i, g_i, y + (r0 + i) * n);
+      map_row(n, [a]<typename M, typename V>(V go, V v) { return go * grad_from_saved<A, V, M>(v, V(a)); }, dz_i, g_i,
+              y + (r0 + i) * n);
     } else if (b == nullptr) {
-      map_row(n, []<typename M, typename V>(V z, V go) { return go * Act<A>::template grad_from_preact<V, M>(z); },
+      map_row(n, [a]<typename M, typename V>(V z, V go) { return go * Act<A>::template grad_from_preact<V, M>(z, V(a)); },
               dz_i, dz_i, g_i);
     } else {
-      map_row(n, []<typename M, typename V>(V z, V go, V bias) {
-                return go * Act<A>::template grad_from_preact<V, M>(z + bias);
+      map_row(n, [a]<typename M, typename V>(V z, V go, V bias) {
+                return go * Act<A>::template grad_from_preact<V, M>(z + bias, V(a));
               },
               dz_i, dz_i, g_i, b);
     }
@@ -233,7 +256,7 @@ T* scratch(at::Tensor& holder, int64_t n) {
 // (8192, 1024, 1024): 1.13x two bare GEMMs with per-thread panels). Only one chunk of dz exists.
 template <typename T, Activation A>
 void backward_chunked(const T* g, const T* x, const T* w, const T* b, const T* y, const uint8_t* sign_mask,
-                      int64_t m, int64_t k, int64_t n, T* dx, T* dw, T* db) {
+                      int64_t m, int64_t k, int64_t n, T* dx, T* dw, T* db, at::opmath_type<T> a) {
   const int64_t chunk = chunk_rows(m, n * int64_t(sizeof(T)));
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   at::Tensor dz_holder;
@@ -252,7 +275,7 @@ void backward_chunked(const T* g, const T* x, const T* w, const T* b, const T* y
     if (recompute) wt->gemm(r, {x + c0 * k, k}, dz, n);
     if (db != nullptr) std::fill(db_part.begin(), db_part.end(), acc_t(0));
     at::parallel_for(0, r, elementwise_grain(n), [&](int64_t i0, int64_t i1) {
-      form_dz<T, A>(dz + i0 * n, g + (c0 + i0) * n, y, sign_mask, b, c0 + i0, i1 - i0, n);
+      form_dz<T, A>(dz + i0 * n, g + (c0 + i0) * n, y, sign_mask, b, c0 + i0, i1 - i0, n, a);
       if (db != nullptr) add_column_sums(db_part.data() + at::get_thread_num() * n, dz + i0 * n, i1 - i0, n);
     });
     for (int64_t t = 0; db != nullptr && t < threads; ++t) {
@@ -269,10 +292,10 @@ void backward_chunked(const T* g, const T* x, const T* w, const T* b, const T* y
 // in place of y (then y is null).
 template <typename T, Activation A>
 void backward_kernel(const T* g, const T* x, const T* w, const T* b, const T* y, const uint8_t* sign_mask,
-                     int64_t m, int64_t k, int64_t n, T* dx, T* dw, T* db) {
+                     int64_t m, int64_t k, int64_t n, T* dx, T* dw, T* db, at::opmath_type<T> a) {
   using acc_t = at::opmath_type<T>;
   if (!kReduced<T> && use_chunks(m, n * k * int64_t(sizeof(T)))) {
-    return backward_chunked<T, A>(g, x, w, b, y, sign_mask, m, k, n, dx, dw, db);
+    return backward_chunked<T, A>(g, x, w, b, y, sign_mask, m, k, n, dx, dw, db, a);
   }
   const int64_t rows = panel_rows(m, (2 * n + k) * int64_t(sizeof(T)), n * k * int64_t(sizeof(T)));
   const int64_t panels = (m + rows - 1) / rows;
@@ -302,7 +325,7 @@ void backward_kernel(const T* g, const T* x, const T* w, const T* b, const T* y,
       T* dz = keep_dz ? dz_store + r0 * n : dz_store + tid * rows * n;
       const T* g_p = g + r0 * n;
       if (recompute) preact_rows(*wt, x + r0 * k, k, b, dz, r, n);
-      form_dz<T, A>(dz, g_p, y, sign_mask, nullptr, r0, r, n);
+      form_dz<T, A>(dz, g_p, y, sign_mask, nullptr, r0, r, n, a);
       if (db != nullptr) add_column_sums(db_part.data() + p * n, dz, r, n);
       if (dx != nullptr) gemm<T>(r, k, n, {dz, n}, {w, k}, dx + r0 * k, k);
       if (per_thread_dw) {
@@ -329,28 +352,32 @@ void backward_kernel(const T* g, const T* x, const T* w, const T* b, const T* y,
   }
 }
 
-template <typename T>
+template <typename T, Activation A>
 void sign_mask_bytes(const T* y, int64_t numel, uint8_t* bytes, int64_t j0, int64_t j1) {
   int64_t j = j0;
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+  // Act<A>::mask_bit as one compare: NLE_UQ ("not <= 0", true for NaN) or GT_OQ ("> 0", false).
+  constexpr int kCmp = Act<A>::kMaskBitOfNaN ? _CMP_NLE_UQ : _CMP_GT_OQ;
+#endif
 #if defined(CPU_CAPABILITY_AVX512)
-  // NLE_UQ: "not <= 0", true for NaN. 16 floats give two bytes.
+  // 16 floats give two bytes.
   if constexpr (std::is_same_v<T, float>) {
     for (; j + 2 <= j1 && (j + 2) * 8 <= numel; j += 2) {
-      const uint16_t bits = _mm512_cmp_ps_mask(_mm512_loadu_ps(y + j * 8), _mm512_setzero_ps(), _CMP_NLE_UQ);
+      const uint16_t bits = _mm512_cmp_ps_mask(_mm512_loadu_ps(y + j * 8), _mm512_setzero_ps(), kCmp);
       std::memcpy(bytes + j, &bits, 2);
     }
   }
 #elif defined(CPU_CAPABILITY_AVX2)
   if constexpr (std::is_same_v<T, float>) {
     for (; j < j1 && (j + 1) * 8 <= numel; ++j) {
-      const __m256 set = _mm256_cmp_ps(_mm256_loadu_ps(y + j * 8), _mm256_setzero_ps(), _CMP_NLE_UQ);
+      const __m256 set = _mm256_cmp_ps(_mm256_loadu_ps(y + j * 8), _mm256_setzero_ps(), kCmp);
       bytes[j] = static_cast<uint8_t>(_mm256_movemask_ps(set));
     }
   }
 #endif
   for (; j < j1; ++j) {
     uint8_t byte = 0;
-    for (int64_t i = 0; i < 8 && j * 8 + i < numel; ++i) byte |= uint8_t(!(y[j * 8 + i] <= T(0))) << i;
+    for (int64_t i = 0; i < 8 && j * 8 + i < numel; ++i) byte |= uint8_t(Act<A>::mask_bit(y[j * 8 + i])) << i;
     bytes[j] = byte;
   }
 }
@@ -366,7 +393,8 @@ inline void forward(const ForwardArgs& a) {
   dispatch_dtype(a.dtype, [&]<typename T>(T*) {
     dispatch_activation(a.act, [&]<Activation A>() {
       forward_kernel<T, A>(static_cast<const T*>(a.x), static_cast<const T*>(a.w), static_cast<const T*>(a.b),
-                           static_cast<T*>(a.out), a.m, a.k, a.n);
+                           static_cast<T*>(a.out), static_cast<T*>(a.preact), a.m, a.k, a.n,
+                           static_cast<at::opmath_type<T>>(a.a));
     });
   });
 }
@@ -376,15 +404,20 @@ inline void backward(const BackwardArgs& a) {
     dispatch_activation(a.act, [&]<Activation A>() {
       backward_kernel<T, A>(static_cast<const T*>(a.g), static_cast<const T*>(a.x), static_cast<const T*>(a.w),
                             static_cast<const T*>(a.b), static_cast<const T*>(a.y), a.sign_mask, a.m, a.k, a.n,
-                            static_cast<T*>(a.dx), static_cast<T*>(a.dw), static_cast<T*>(a.db));
+                            static_cast<T*>(a.dx), static_cast<T*>(a.dw), static_cast<T*>(a.db),
+                            static_cast<at::opmath_type<T>>(a.a));
     });
   });
 }
 
-inline void sign_mask_pack(at::ScalarType dtype, const void* y, int64_t numel, uint8_t* bytes) {
+inline void sign_mask_pack(at::ScalarType dtype, Activation act, const void* y, int64_t numel, uint8_t* bytes) {
   dispatch_dtype(dtype, [&]<typename T>(T*) {
-    at::parallel_for(0, (numel + 7) / 8, at::internal::GRAIN_SIZE / 8, [&](int64_t j0, int64_t j1) {
-      sign_mask_bytes(static_cast<const T*>(y), numel, bytes, j0, j1);
+    dispatch_activation(act, [&]<Activation A>() {
+      if constexpr (kSignDecides<A>) {  // the glue admits no other (check_sign_mask_activation)
+        at::parallel_for(0, (numel + 7) / 8, at::internal::GRAIN_SIZE / 8, [&](int64_t j0, int64_t j1) {
+          sign_mask_bytes<T, A>(static_cast<const T*>(y), numel, bytes, j0, j1);
+        });
+      }
     });
   });
 }

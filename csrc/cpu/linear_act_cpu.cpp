@@ -18,16 +18,31 @@ at::Tensor bias_or_zeros(const std::optional<at::Tensor>& bias, const at::Tensor
   return bias.has_value() ? bias->contiguous() : at::zeros({weight.size(0)}, weight.options());
 }
 
-at::Tensor linear_act_fwd(const at::Tensor& x_in, const at::Tensor& weight_in, const std::optional<at::Tensor>& bias,
-                          c10::string_view activation) {
+// out = act(x · Wᵀ + b), and the pre-activation into `preact` when it is defined.
+at::Tensor forward_into(const at::Tensor& x_in, const at::Tensor& weight_in, const std::optional<at::Tensor>& bias,
+                        c10::string_view activation, double negative_slope, bool keep_preact, at::Tensor* preact) {
   const Activation act = check_forward_args(x_in, weight_in, bias, activation, kDtypes);
   const at::Tensor x = x_in.contiguous(), w = weight_in.contiguous(), b = bias_or_zeros(bias, w);
   const int64_t m = x.size(0), k = x.size(1), n = w.size(0);
   at::Tensor out = at::empty({m, n}, x.options());
+  if (keep_preact) *preact = at::empty({m, n}, x.options());
   if (m == 0 || n == 0) return out;
-  kernels().forward({x.scalar_type(), act, x.const_data_ptr(), w.const_data_ptr(), b.const_data_ptr(),
-                     out.mutable_data_ptr(), m, k, n});
+  kernels().forward({x.scalar_type(), act, negative_slope, x.const_data_ptr(), w.const_data_ptr(), b.const_data_ptr(),
+                     out.mutable_data_ptr(), keep_preact ? preact->mutable_data_ptr() : nullptr, m, k, n});
   return out;
+}
+
+at::Tensor linear_act_fwd(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                          c10::string_view activation, double negative_slope) {
+  return forward_into(x, weight, bias, activation, negative_slope, false, nullptr);
+}
+
+std::tuple<at::Tensor, at::Tensor> linear_act_fwd_preact(const at::Tensor& x, const at::Tensor& weight,
+                                                         const std::optional<at::Tensor>& bias,
+                                                         c10::string_view activation, double negative_slope) {
+  at::Tensor preact;
+  at::Tensor out = forward_into(x, weight, bias, activation, negative_slope, true, &preact);
+  return {out, preact};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_bwd(const at::Tensor& grad_out, const at::Tensor& x_in,
@@ -35,9 +50,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_bwd(const at::Tensor& 
                                                              const std::optional<at::Tensor>& bias,
                                                              const std::optional<at::Tensor>& out,
                                                              c10::string_view activation,
-                                                             std::array<bool, 3> output_mask) {
-  const Activation act =
-      check_backward_args(grad_out, x_in, weight_in, bias, out, activation, kDtypes, /*accept_sign_mask=*/true);
+                                                             std::array<bool, 3> output_mask, double negative_slope) {
+  const Activation act = check_backward_args(grad_out, x_in, weight_in, bias, out, activation, negative_slope, kDtypes,
+                                             /*accept_sign_mask=*/true);
   const at::Tensor g = grad_out.contiguous(), x = x_in.contiguous(), w = weight_in.contiguous();
   const at::Tensor b = bias_or_zeros(bias, w);
   const at::Tensor y = out.has_value() ? out->contiguous() : at::Tensor();
@@ -53,21 +68,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_bwd(const at::Tensor& 
     return {dx, dw, db};
   }
   auto ptr = [](at::Tensor& t, bool on) { return on ? t.mutable_data_ptr() : nullptr; };
-  kernels().backward({x.scalar_type(), act, g.const_data_ptr(), x.const_data_ptr(), w.const_data_ptr(),
+  kernels().backward({x.scalar_type(), act, negative_slope, g.const_data_ptr(), x.const_data_ptr(), w.const_data_ptr(),
                       b.const_data_ptr(), y.defined() && !masked ? y.const_data_ptr() : nullptr,
                       masked ? y.const_data_ptr<uint8_t>() : nullptr, m, k, n, ptr(dx, output_mask[0]),
                       ptr(dw, output_mask[1]), ptr(db, want_db)});
   return {dx, dw, db};
 }
 
-// One pass over y: bit i of byte j is set where element 8j + i is not <= 0 (NaN included).
-at::Tensor sign_mask_pack(const at::Tensor& y_in) {
-  TORCH_CHECK_TYPE(y_in.is_floating_point(), "fused_backprop: sign_mask_pack: y must be floating point, got ",
-                   y_in.scalar_type());
+// One pass over y: bit i of byte j is Act<A>::mask_bit of element 8j + i.
+at::Tensor sign_mask_pack(const at::Tensor& y_in, c10::string_view activation) {
+  const Activation act = check_sign_mask_args(y_in, activation);
   const at::Tensor y = y_in.contiguous();
   const int64_t numel = y.numel(), bytes = (numel + 7) / 8;
   at::Tensor packed = at::empty({bytes}, y.options().dtype(at::kByte));
-  kernels().sign_mask_pack(y.scalar_type(), y.const_data_ptr(), numel, packed.mutable_data_ptr<uint8_t>());
+  kernels().sign_mask_pack(y.scalar_type(), act, y.const_data_ptr(), numel, packed.mutable_data_ptr<uint8_t>());
   return packed;
 }
 
@@ -76,6 +90,7 @@ at::Tensor sign_mask_pack(const at::Tensor& y_in) {
 
 TORCH_LIBRARY_IMPL(fused_backprop, CPU, m) {
   m.impl("linear_act_fwd", &fused_backprop::cpu::linear_act_fwd);
+  m.impl("linear_act_fwd_preact", &fused_backprop::cpu::linear_act_fwd_preact);
   m.impl("linear_act_bwd", &fused_backprop::cpu::linear_act_bwd);
   m.impl("sign_mask_pack", &fused_backprop::cpu::sign_mask_pack);
 }

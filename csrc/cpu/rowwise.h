@@ -121,7 +121,15 @@ struct VecMath {
   template <typename V>
   static V step(V v) { return V(1) - v.le(V(0)); }
   template <typename V>
+  static V where_positive(V v, V p, V q) { return V::blendv(q, p, v > V(0)); }
+  template <typename V>
   static V exp(V v) { return vec_exp(v); }
+  // ATen's own (Sleef's tanh, ATen's erf polynomial at AVX2/AVX-512): what torch.tanh and F.gelu
+  // run at the same level, so results match theirs.
+  template <typename V>
+  static V tanh(V v) { return v.tanh(); }
+  template <typename V>
+  static V erf(V v) { return v.erf(); }
 };
 
 // bfloat16 and float16: stored 16-bit, computed in float.

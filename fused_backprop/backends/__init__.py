@@ -3,12 +3,17 @@
 A backend computes the fused layer on 2-D inputs whose arguments have already been checked
 (``fused_backprop._checks``):
 
-* ``forward(x, weight, bias, activation) -> out`` with x ``(M, K)``, weight ``(N, K)``,
-  bias ``(N,)`` or None, out ``(M, N)``;
-* ``backward(grad_out, x, weight, bias, out, activation, output_mask) -> (dx, dw, db)``, where
-  ``out=None`` means "recompute the pre-activation from x, weight, bias" (for relu, ``out`` may
-  be the packed sign mask when ``accepts_sign_mask``) and an entry of
-  ``output_mask`` that is False (or a missing bias) gives None in that slot;
+* ``forward(x, weight, bias, activation, negative_slope) -> out`` with x ``(M, K)``, weight
+  ``(N, K)``, bias ``(N,)`` or None, out ``(M, N)``; ``negative_slope`` is leaky relu's parameter
+  (the other activations ignore it);
+* ``forward_preact(x, weight, bias, activation, negative_slope) -> (out, preact)``: the same and
+  the pre-activation ``z = x @ weight.T + bias``, which backward takes as ``out`` for the
+  activations whose derivative is not a function of the output (``activations.saves_output``);
+* ``backward(grad_out, x, weight, bias, out, activation, output_mask, negative_slope) -> (dx, dw, db)``,
+  where ``out`` is the layer output or the pre-activation (as ``activations.saves_output`` says),
+  or None: "recompute the pre-activation from x, weight, bias" (for relu and leaky relu, ``out``
+  may be the packed sign mask when ``accepts_sign_mask``), and an entry of ``output_mask`` that
+  is False (or a missing bias) gives None in that slot;
 * ``supports(device) -> bool``: whether it runs on tensors of that device here and now.
 
 Autograd, the flattening of leading dims and the modules live above this interface, so a new
@@ -30,6 +35,7 @@ __all__ = ["Backend", "register", "register_ops", "load_all", "get", "names", "a
 class Backend:
     name: str
     forward: Callable
+    forward_preact: Callable
     backward: Callable
     supports: Callable[[torch.device], bool]
     # Lower runs first when backend="auto" picks among the ones that support a device (None:
@@ -38,7 +44,7 @@ class Backend:
     auto_devices: Optional[tuple[str, ...]] = None
     # True when backward builds an autograd graph (needed for double backward).
     differentiable: bool = False
-    # True when backward takes relu's packed sign mask (``sign_mask.pack``) as ``out``; other
+    # True when backward takes the packed sign mask (``sign_mask.pack``) as ``out``; other
     # backends get it unpacked to 0/1 values.
     accepts_sign_mask: bool = False
 
@@ -71,26 +77,32 @@ def register(backend: Backend) -> Backend:
     return backend
 
 
-def register_ops(name: str, fwd_op, bwd_op, *, eager=None, **kwargs) -> Backend:
-    """Registers a backend whose forward and backward are registered ops with the schemas of
-    ``linear_act_fwd`` / ``linear_act_bwd`` (a masked-out gradient comes back as an empty tensor,
-    handed on as None). ``eager``, if given, is a (forward, backward) pair with this interface that
-    runs the same ops without torch.ops' per-call cost (the compiled extension's own bindings);
-    it is used except while torch.compile traces, which needs the ops themselves."""
+def register_ops(name: str, fwd_op, fwd_preact_op, bwd_op, *, eager=None, **kwargs) -> Backend:
+    """Registers a backend whose forward, forward_preact and backward are registered ops with the
+    schemas of ``linear_act_fwd`` / ``linear_act_fwd_preact`` / ``linear_act_bwd`` (a masked-out
+    gradient comes back as an empty tensor, handed on as None). ``eager``, if given, is a
+    (forward, forward_preact, backward) triple with this interface that runs the same ops without
+    torch.ops' per-call cost (the compiled extension's own bindings); it is used except while
+    torch.compile traces, which needs the ops themselves."""
 
-    def forward(x, weight, bias, activation):
+    def forward(x, weight, bias, activation, negative_slope):
         if eager is not None and not torch.compiler.is_compiling():
-            return eager[0](x, weight, bias, activation)
-        return fwd_op(x, weight, bias, activation)
+            return eager[0](x, weight, bias, activation, negative_slope)
+        return fwd_op(x, weight, bias, activation, negative_slope)
 
-    def backward(grad_out, x, weight, bias, out, activation, output_mask):
+    def forward_preact(x, weight, bias, activation, negative_slope):
+        if eager is not None and not torch.compiler.is_compiling():
+            return eager[1](x, weight, bias, activation, negative_slope)
+        return fwd_preact_op(x, weight, bias, activation, negative_slope)
+
+    def backward(grad_out, x, weight, bias, out, activation, output_mask, negative_slope):
         mask = [bool(output_mask[0]), bool(output_mask[1]), bool(output_mask[2]) and bias is not None]
         if eager is not None and not torch.compiler.is_compiling():
-            return eager[1](grad_out, x, weight, bias, out, activation, mask)
-        grads = bwd_op(grad_out, x, weight, bias, out, activation, mask)
+            return eager[2](grad_out, x, weight, bias, out, activation, mask, negative_slope)
+        grads = bwd_op(grad_out, x, weight, bias, out, activation, mask, negative_slope)
         return tuple(g if wanted else None for g, wanted in zip(grads, mask))
 
-    return register(Backend(name, forward, backward, **kwargs))
+    return register(Backend(name, forward, forward_preact, backward, **kwargs))
 
 
 def names() -> list[str]:

@@ -13,12 +13,13 @@ from . import register_ops
 if _ops.BUILD_ERROR is not None:
     raise ImportError(f"the compiled extension fused_backprop._C is not built: {_ops.BUILD_ERROR}")
 
-_FWD, _BWD = torch.ops.fused_backprop.linear_act_fwd.default, torch.ops.fused_backprop.linear_act_bwd.default
+_OPS = (torch.ops.fused_backprop.linear_act_fwd.default, torch.ops.fused_backprop.linear_act_fwd_preact.default,
+        torch.ops.fused_backprop.linear_act_bwd.default)
 
-_EAGER = (_ops._C.linear_act_fwd, _ops._C.linear_act_bwd)
+_EAGER = (_ops._C.linear_act_fwd, _ops._C.linear_act_fwd_preact, _ops._C.linear_act_bwd)
 
-# The CPU backward reads relu's packed sign mask directly; the CUDA kernels take the output.
-register_ops("cpu", _FWD, _BWD, eager=_EAGER, auto_priority=0, accepts_sign_mask=True,
+# The CPU backward reads the packed sign mask directly; the CUDA kernels take the output.
+register_ops("cpu", *_OPS, eager=_EAGER, auto_priority=0, accepts_sign_mask=True,
              supports=lambda device: device.type == "cpu" and _ops.has_kernel("CPU"))
-register_ops("cuda", _FWD, _BWD, eager=_EAGER, auto_priority=2,
+register_ops("cuda", *_OPS, eager=_EAGER, auto_priority=2,
              supports=lambda device: device.type == "cuda" and _ops.has_kernel("CUDA"))

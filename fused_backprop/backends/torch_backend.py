@@ -5,25 +5,32 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from ..activations import ACTIVATIONS
+from ..activations import ACTIVATIONS, saves_output
 from . import Backend, register
 
 
-def forward(x, weight, bias, activation):
-    return ACTIVATIONS[activation].forward(F.linear(x, weight, bias))
+def forward(x, weight, bias, activation, negative_slope):
+    return ACTIVATIONS[activation].forward(F.linear(x, weight, bias), negative_slope)
 
 
-def backward(grad_out, x, weight, bias, out, activation, output_mask):
+def forward_preact(x, weight, bias, activation, negative_slope):
+    z = F.linear(x, weight, bias)
+    return ACTIVATIONS[activation].forward(z, negative_slope), z
+
+
+def backward(grad_out, x, weight, bias, out, activation, output_mask, negative_slope):
     act = ACTIVATIONS[activation]
     if out is None:
-        dz = grad_out * act.grad_from_preact(F.linear(x, weight, bias))
+        dz = grad_out * act.grad_from_preact(F.linear(x, weight, bias), negative_slope)
+    elif saves_output(activation, negative_slope):
+        dz = grad_out * act.grad_from_output(out, negative_slope)
     else:
-        dz = grad_out * act.grad_from_output(out)
+        dz = grad_out * act.grad_from_preact(out, negative_slope)
     dx = dz.mm(weight) if output_mask[0] else None
     dw = dz.t().mm(x) if output_mask[1] else None
     db = dz.sum(0) if output_mask[2] and bias is not None else None
     return dx, dw, db
 
 
-register(Backend("torch", forward, backward, supports=lambda device: True,
+register(Backend("torch", forward, forward_preact, backward, supports=lambda device: True,
                  auto_priority=10, differentiable=True))
