@@ -60,7 +60,8 @@ struct ScalarMath {
 };
 
 // Act<A>: forward(z), grad_from_preact(z) = act'(z), grad2_from_preact(z) = act''(z), and for the
-// activations whose `saved` is Output, grad_from_output(y) = act'(z) written with y = act(z).
+// activations whose `saved` is Output, grad_from_output(y) and grad2_from_output(y): act'(z) and
+// act''(z) written with y = act(z).
 // The sign activations also give mask_bit(y), the bit their packed mask keeps (kMaskBitOfNaN: the
 // bit a NaN gets), and masked_off_dz(g, a), dz where that bit is clear (dz = g where it is set).
 template <Activation A>
@@ -77,6 +78,8 @@ struct Act<Activation::ReLU> {
   static FB_HOST_DEVICE T grad_from_preact(T z, T) { return M::step(z); }
   template <typename T, typename M = ScalarMath>
   static FB_HOST_DEVICE T grad2_from_preact(T, T) { return T(0); }
+  template <typename T, typename M = ScalarMath>
+  static FB_HOST_DEVICE T grad2_from_output(T, T) { return T(0); }
   template <typename T>
   static FB_HOST_DEVICE bool mask_bit(T y) { return !(y <= T(0)); }
   static constexpr bool kMaskBitOfNaN = true;
@@ -97,6 +100,8 @@ struct Act<Activation::LeakyReLU> {
   static FB_HOST_DEVICE T grad_from_preact(T z, T a) { return M::where_positive(z, T(1), a); }
   template <typename T, typename M = ScalarMath>
   static FB_HOST_DEVICE T grad2_from_preact(T, T) { return T(0); }
+  template <typename T, typename M = ScalarMath>
+  static FB_HOST_DEVICE T grad2_from_output(T, T) { return T(0); }
   template <typename T>
   static FB_HOST_DEVICE bool mask_bit(T y) { return y > T(0); }
   static constexpr bool kMaskBitOfNaN = false;
@@ -118,10 +123,9 @@ struct Act<Activation::Sigmoid> {
   }
   // σ'' = σ (1 - σ) (1 - 2σ).
   template <typename T, typename M = ScalarMath>
-  static FB_HOST_DEVICE T grad2_from_preact(T z, T a) {
-    const T s = forward<T, M>(z, a);
-    return s * (T(1) - s) * (T(1) - T(2) * s);
-  }
+  static FB_HOST_DEVICE T grad2_from_output(T y, T) { return y * (T(1) - y) * (T(1) - T(2) * y); }
+  template <typename T, typename M = ScalarMath>
+  static FB_HOST_DEVICE T grad2_from_preact(T z, T a) { return grad2_from_output<T, M>(forward<T, M>(z, a), a); }
 };
 
 template <>
@@ -134,10 +138,9 @@ struct Act<Activation::Tanh> {
   static FB_HOST_DEVICE T grad_from_preact(T z, T a) { return grad_from_output<T, M>(M::tanh(z), a); }
   // tanh'' = -2 t (1 - t²).
   template <typename T, typename M = ScalarMath>
-  static FB_HOST_DEVICE T grad2_from_preact(T z, T) {
-    const T t = M::tanh(z);
-    return T(-2) * t * (T(1) - t * t);
-  }
+  static FB_HOST_DEVICE T grad2_from_output(T y, T) { return T(-2) * y * (T(1) - y * y); }
+  template <typename T, typename M = ScalarMath>
+  static FB_HOST_DEVICE T grad2_from_preact(T z, T a) { return grad2_from_output<T, M>(M::tanh(z), a); }
 };
 
 // gelu(z) = z Φ(z) = z/2 (1 + erf(z/√2)); gelu' = Φ(z) + z φ(z); gelu'' = φ(z) (2 - z²), with
@@ -226,6 +229,16 @@ FB_HOST_DEVICE T grad_from_saved(T v, T a) {
     return Act<A>::template grad_from_output<T, M>(v, a);
   } else {
     return Act<A>::template grad_from_preact<T, M>(v, a);
+  }
+}
+
+// act''(z) from what backward was given in `out`, as grad_from_saved.
+template <Activation A, typename T, typename M = ScalarMath>
+FB_HOST_DEVICE T grad2_from_saved(T v, T a) {
+  if constexpr (kSaved<A> == Saved::Output) {
+    return Act<A>::template grad2_from_output<T, M>(v, a);
+  } else {
+    return Act<A>::template grad2_from_preact<T, M>(v, a);
   }
 }
 

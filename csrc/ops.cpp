@@ -74,15 +74,11 @@ Activation check_forward_args(const at::Tensor& x, const at::Tensor& weight,
   return act;
 }
 
-Activation check_backward_args(const at::Tensor& grad_out, const at::Tensor& x,
-                               const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                               const std::optional<at::Tensor>& out, std::string_view activation,
-                               double negative_slope, at::ArrayRef<at::ScalarType> dtypes, bool accept_sign_mask) {
-  const Activation act = check_forward_args(x, weight, bias, activation, dtypes);
-  const std::array<int64_t, 2> expected{x.size(0), weight.size(0)};
-  check_like_x(x, grad_out, "grad_out");
-  TORCH_CHECK_VALUE(grad_out.sizes() == at::IntArrayRef(expected), "fused_backprop: grad_out must have shape ",
-                    at::IntArrayRef(expected), ", got ", grad_out.sizes());
+namespace {
+
+// out as backward reads it: the layer output or the pre-activation (m, n), or a packed sign mask.
+void check_out(const at::Tensor& x, const std::optional<at::Tensor>& out, std::array<int64_t, 2> expected,
+               Activation act, std::string_view activation, double negative_slope, bool accept_sign_mask) {
   if (accept_sign_mask && is_sign_mask(out)) {
     const int64_t bytes = (expected[0] * expected[1] + 7) / 8;
     TORCH_CHECK_VALUE(info(act).sign_decides, "fused_backprop: out may be a packed sign mask (uint8) only for "
@@ -96,10 +92,42 @@ Activation check_backward_args(const at::Tensor& grad_out, const at::Tensor& x,
     TORCH_CHECK_VALUE(out->dim() == 1 && out->size(0) == bytes, "fused_backprop: out as a packed sign mask must "
                       "have shape (", bytes, ",) = ceil(M * N / 8) bytes, got ", out->sizes());
   } else if (out.has_value()) {
-    check_like_x(x, *out, "out");
-    TORCH_CHECK_VALUE(out->sizes() == at::IntArrayRef(expected), "fused_backprop: out must have shape ",
-                      at::IntArrayRef(expected), ", got ", out->sizes());
+    check_shaped(x, *out, "out", expected);
   }
+}
+
+}  // namespace
+
+void check_shaped(const at::Tensor& x, const at::Tensor& t, const char* name, at::IntArrayRef shape) {
+  check_like_x(x, t, name);
+  TORCH_CHECK_VALUE(t.sizes() == shape, "fused_backprop: ", name, " must have shape ", shape, ", got ", t.sizes());
+}
+
+Activation check_backward_args(const at::Tensor& grad_out, const at::Tensor& x,
+                               const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                               const std::optional<at::Tensor>& out, std::string_view activation,
+                               double negative_slope, at::ArrayRef<at::ScalarType> dtypes, bool accept_sign_mask) {
+  const Activation act = check_forward_args(x, weight, bias, activation, dtypes);
+  const std::array<int64_t, 2> expected{x.size(0), weight.size(0)};
+  check_shaped(x, grad_out, "grad_out", expected);
+  check_out(x, out, expected, act, activation, negative_slope, accept_sign_mask);
+  return act;
+}
+
+void check_tangents(const at::Tensor& x, const at::Tensor& weight, const Tangents& tangents) {
+  const std::array<int64_t, 1> n{weight.size(0)};
+  const std::array<at::IntArrayRef, 3> shapes{x.sizes(), weight.sizes(), at::IntArrayRef(n)};
+  for (int i = 0; i < 3; ++i) {
+    if (tangents.t[i].has_value()) check_shaped(x, *tangents.t[i], tangents.names[i], shapes[i]);
+  }
+}
+
+Activation check_jvp_args(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                          const Tangents& tangents, const std::optional<at::Tensor>& out, std::string_view activation,
+                          double negative_slope, at::ArrayRef<at::ScalarType> dtypes, bool accept_sign_mask) {
+  const Activation act = check_forward_args(x, weight, bias, activation, dtypes);
+  check_out(x, out, {x.size(0), weight.size(0)}, act, activation, negative_slope, accept_sign_mask);
+  check_tangents(x, weight, tangents);
   return act;
 }
 
@@ -121,4 +149,14 @@ TORCH_LIBRARY(fused_backprop, m) {
   // The packed 1-bit sign mask of y for relu or leaky relu (see check_backward_args): uint8,
   // ceil(numel / 8) bytes.
   m.def("sign_mask_pack(Tensor y, str activation=\"relu\") -> Tensor");
+  // Forward-mode derivative: act'(z) ⊙ (x_t · Wᵀ + x · W_tᵀ + b_t), a missing tangent being zero;
+  // out as linear_act_bwd's.
+  m.def("linear_act_jvp(Tensor x, Tensor weight, Tensor? bias, Tensor? x_t, Tensor? weight_t, Tensor? bias_t, "
+        "Tensor? out, str activation, float negative_slope=0.01) -> Tensor");
+  // The backward of linear_act_bwd: the gradients reaching (grad_out, x, weight, bias) from the
+  // cotangents (ggx, ggw, ggb) of its (dx, dw, db); a missing cotangent is zero, an output_mask
+  // entry False gives an empty tensor.
+  m.def("linear_act_bwd_bwd(Tensor grad_out, Tensor x, Tensor weight, Tensor? bias, Tensor? out, Tensor? ggx, "
+        "Tensor? ggw, Tensor? ggb, str activation, bool[4] output_mask, float negative_slope=0.01) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
 }

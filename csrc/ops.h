@@ -34,6 +34,23 @@ Activation check_backward_args(const at::Tensor& grad_out, const at::Tensor& x,
                                double negative_slope, at::ArrayRef<at::ScalarType> dtypes,
                                bool accept_sign_mask = false);
 
+// t has x's device and dtype and the given shape (name: the argument's name in messages).
+void check_shaped(const at::Tensor& x, const at::Tensor& t, const char* name, at::IntArrayRef shape);
+
+// The tangents (or cotangents) of x, weight and bias, each optional, and their argument names.
+struct Tangents {
+  std::array<std::optional<at::Tensor>, 3> t;
+  std::array<const char*, 3> names;
+};
+
+// Each tangent given is shaped like x, weight, bias respectively (and on x's device, of its dtype).
+void check_tangents(const at::Tensor& x, const at::Tensor& weight, const Tangents& tangents);
+
+// Checks linear_act_jvp's arguments: the forward's, out as backward's, and the tangents.
+Activation check_jvp_args(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                          const Tangents& tangents, const std::optional<at::Tensor>& out, std::string_view activation,
+                          double negative_slope, at::ArrayRef<at::ScalarType> dtypes, bool accept_sign_mask);
+
 // Checks sign_mask_pack's arguments: a floating y, an activation whose sign decides its derivative.
 Activation check_sign_mask_args(const at::Tensor& y, std::string_view activation);
 

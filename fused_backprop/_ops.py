@@ -54,12 +54,27 @@ if BUILD_ERROR is None:
                 weight.new_empty(weight.shape) if output_mask[1] else x.new_empty((0,)),
                 weight.new_empty((n,)) if output_mask[2] and bias is not None else x.new_empty((0,)))
 
+    @torch.library.register_fake("fused_backprop::linear_act_jvp")
+    def _linear_act_jvp_fake(x, weight, bias, x_t, weight_t, bias_t, out, activation, negative_slope=0.01):
+        return _linear_act_fwd_fake(x, weight, bias, activation)
+
+    @torch.library.register_fake("fused_backprop::linear_act_bwd_bwd")
+    def _linear_act_bwd_bwd_fake(grad_out, x, weight, bias, out, ggx, ggw, ggb, activation, output_mask,
+                                 negative_slope=0.01):
+        torch._check(x.dim() == 2 and weight.dim() == 2 and x.shape[1] == weight.shape[1])
+        shapes = (grad_out.shape, x.shape, weight.shape, (weight.shape[0],) if bias is not None else None)
+        return tuple(x.new_empty(shape) if wanted and shape is not None else x.new_empty((0,))
+                     for shape, wanted in zip(shapes, output_mask))
+
     @torch.library.register_fake("fused_backprop::sign_mask_pack")
     def _sign_mask_pack_fake(y, activation="relu"):
         return y.new_empty(((y.numel() + 7) // 8,), dtype=torch.uint8)
 
     from .autograd import register_backward_op_autograd, register_op_autograd, register_preact_op_autograd
+    from .func import register_op_vmap
 
     register_op_autograd("fused_backprop::linear_act_fwd", backend_name=None)
     register_preact_op_autograd("fused_backprop::linear_act_fwd_preact")
     register_backward_op_autograd("fused_backprop::linear_act_bwd")
+    register_op_vmap("fused_backprop::linear_act_fwd", "fused_backprop::linear_act_fwd_preact",
+                     "fused_backprop::linear_act_bwd")

@@ -40,12 +40,39 @@ struct BackwardArgs {
   void *dx, *dw, *db;
 };
 
+// out (m, n) = act'(z) ⊙ (x_t · wᵀ + x · w_tᵀ + b_t), the forward-mode derivative; null tangents
+// are zero; act' from y / sign_mask as BackwardArgs.
+struct TangentArgs {
+  at::ScalarType dtype;
+  Activation act;
+  double a;
+  const void *x, *w, *b, *x_t, *w_t, *b_t, *y;
+  const uint8_t* sign_mask;
+  int64_t m, k, n;
+  void* out;
+};
+
+// The backward of the backward (kernels_impl.h, bwd_bwd_kernel): from the cotangents ggx, ggw,
+// ggb (null: zero) of (dx, dw, db), the gradients g_g, g_x, g_w, g_b (null: not wanted).
+struct BwdBwdArgs {
+  at::ScalarType dtype;
+  Activation act;
+  double a;
+  const void *g, *x, *w, *b, *y;
+  const uint8_t* sign_mask;
+  const void *ggx, *ggw, *ggb;
+  int64_t m, k, n;
+  void *g_g, *g_x, *g_w, *g_b;
+};
+
 struct Kernels {
   const char* level;  // "DEFAULT", "AVX2", "AVX512"
   void (*forward)(const ForwardArgs&);
   void (*backward)(const BackwardArgs&);
   // bytes[j] bit i = Act<act>::mask_bit(y[8j + i]) for the numel elements of y (of type dtype).
   void (*sign_mask_pack)(at::ScalarType dtype, Activation act, const void* y, int64_t numel, uint8_t* bytes);
+  void (*tangent)(const TangentArgs&);
+  void (*bwd_bwd)(const BwdBwdArgs&);
 };
 
 // Each level's table (defined by kernels_impl.h in kernels_<LEVEL>.cpp; only the levels setup.py

@@ -352,6 +352,147 @@ void backward_kernel(const T* g, const T* x, const T* w, const T* b, const T* y,
   }
 }
 
+// Row chunks of the tangent kernels below: rows [c0, c0 + r) at a time, a multithreaded GEMM each,
+// the elementwise work on all threads while the chunk is in the last-level cache.
+template <typename F>
+void for_chunks(int64_t m, int64_t chunk, F&& f) {
+  for (int64_t c0 = 0; c0 < m; c0 += chunk) f(c0, std::min(chunk, m - c0));
+}
+
+// c (r x n) = a1 · b1ᵀ + a2 · b2ᵀ for the (r x k) a's and (n x k) b's, a null pair left out (both
+// null: zeros).
+template <typename T>
+void two_gemms(int64_t r, int64_t n, int64_t k, const T* a1, const T* b1, const T* a2, const T* b2, T* c) {
+  bool started = false;
+  for (auto [a, b] : {std::pair{a1, b1}, std::pair{a2, b2}}) {
+    if (a == nullptr || b == nullptr) continue;
+    gemm<T>(r, n, k, {a, k}, {b, k, /*trans=*/true}, c, n, /*accumulate=*/started);
+    started = true;
+  }
+  if (!started) std::fill_n(c, r * n, T(0));
+}
+
+// The jvp (forward-mode derivative) of the layer: out = act'(z) ⊙ (x_t · Wᵀ + x · W_tᵀ + b_t),
+// x_t, w_t, b_t null for zero tangents; act' from y (the output or the pre-activation, as
+// kSaved<A>), the sign mask, or (both null) from z = x · Wᵀ + b recomputed into out while the
+// tangent goes to a chunk of scratch.
+template <typename T, Activation A>
+void tangent_kernel(const T* x, const T* w, const T* b, const T* x_t, const T* w_t, const T* b_t, const T* y,
+                    const uint8_t* sign_mask, int64_t m, int64_t k, int64_t n, T* out, at::opmath_type<T> a) {
+  const int64_t chunk = chunk_rows(m, n * int64_t(sizeof(T)));
+  const bool recompute = y == nullptr && sign_mask == nullptr;
+  at::Tensor holder;
+  T* t_store = recompute ? scratch<T>(holder, chunk * n) : nullptr;
+  for_chunks(m, chunk, [&](int64_t c0, int64_t r) {
+    T* out_c = out + c0 * n;
+    T* t = recompute ? t_store : out_c;
+    two_gemms<T>(r, n, k, x_t ? x_t + c0 * k : nullptr, w, x + c0 * k, w_t, t);
+    if (recompute) gemm<T>(r, n, k, {x + c0 * k, k}, {w, k, /*trans=*/true}, out_c, n);
+    at::parallel_for(0, r, elementwise_grain(n), [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        T* t_i = t + i * n;
+        if (b_t != nullptr) map_row(n, []<typename M, typename V>(V v, V bt) { return v + bt; }, t_i, t_i, b_t);
+        // recompute: out holds z (+ b), the tangent is the "grad_out" of form_dz
+        form_dz<T, A>(recompute ? out_c + i * n : t_i, t_i, y, sign_mask, recompute ? b : nullptr, c0 + i, 1, n, a);
+      }
+    });
+  });
+}
+
+// The backward of the backward: given the cotangents ggx (m, k), ggw (n, k), ggb (n) of
+// (dx, dW, db) = backward(g, x, W, b), with t = ggx · Wᵀ + x · ggwᵀ + ggb:
+//   g_g = t ⊙ act'(z)                 (the gradient reaching grad_out)
+//   gz  = t ⊙ g ⊙ act''(z)            (reaching z, then x, W, b through the layer)
+//   dz  = g ⊙ act'(z)
+//   g_x = gz · W + dz · ggw,  g_W = gzᵀ · x + dzᵀ · ggx,  g_b = Σ_rows gz.
+// Any cotangent may be null (zero), any output null (not wanted). act' and act'' from y / the
+// sign mask (relu, leaky relu: act'' = 0, so gz = 0) / z recomputed, as tangent_kernel.
+template <typename T, Activation A>
+void bwd_bwd_kernel(const T* g, const T* x, const T* w, const T* b, const T* y, const uint8_t* sign_mask,
+                    const T* ggx, const T* ggw, const T* ggb, int64_t m, int64_t k, int64_t n, T* g_g, T* g_x,
+                    T* g_w, T* g_b, at::opmath_type<T> a) {
+  using acc_t = at::opmath_type<T>;
+  constexpr bool kLinearPieces = kSignDecides<A>;  // act'' = 0
+  const int64_t chunk = chunk_rows(m, n * int64_t(sizeof(T)));
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const bool recompute = y == nullptr && sign_mask == nullptr;
+  const bool want_gz = !kLinearPieces && (g_x != nullptr || g_w != nullptr || g_b != nullptr);
+  at::Tensor t_holder, dz_holder;
+  T* t = scratch<T>(t_holder, chunk * n);    // t, then gz
+  T* dz = scratch<T>(dz_holder, chunk * n);  // z (recompute), then dz
+  std::vector<acc_t> gb_part(g_b != nullptr ? threads * n : 0), gb_acc(g_b != nullptr ? n : 0, acc_t(0));
+  for_chunks(m, chunk, [&](int64_t c0, int64_t r) {
+    const T* x_c = x + c0 * k;
+    const T* g_c = g + c0 * n;
+    two_gemms<T>(r, n, k, ggx ? ggx + c0 * k : nullptr, w, x_c, ggw, t);
+    if (recompute) gemm<T>(r, n, k, {x_c, k}, {w, k, /*trans=*/true}, dz, n);
+    if (g_b != nullptr) std::fill(gb_part.begin(), gb_part.end(), acc_t(0));
+    at::parallel_for(0, r, elementwise_grain(n), [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        T *t_i = t + i * n, *dz_i = dz + i * n;
+        const T* g_i = g_c + i * n;
+        const T* v = recompute ? dz_i : y != nullptr ? y + (c0 + i) * n : nullptr;  // null: the sign mask
+        const T* bias = recompute ? b : nullptr;
+        if (ggb != nullptr) map_row(n, []<typename M, typename V>(V tv, V bt) { return tv + bt; }, t_i, t_i, ggb);
+        if (g_g != nullptr) {
+          T* gg_i = g_g + (c0 + i) * n;
+          if (v == nullptr) {
+            form_dz<T, A>(gg_i, t_i, nullptr, sign_mask, nullptr, c0 + i, 1, n, a);
+          } else {
+            map_row(n, [a, recompute]<typename M, typename V>(V tv, V vv, V bb) {
+                      return tv * (recompute ? Act<A>::template grad_from_preact<V, M>(vv + bb, V(a))
+                                             : grad_from_saved<A, V, M>(vv, V(a)));
+                    },
+                    gg_i, t_i, v, bias ? bias : v);
+          }
+        }
+        if (want_gz) {
+          if constexpr (!kLinearPieces) {
+            map_row(n, [a, recompute]<typename M, typename V>(V tv, V go, V vv, V bb) {
+                      return tv * go * (recompute ? Act<A>::template grad2_from_preact<V, M>(vv + bb, V(a))
+                                                  : grad2_from_saved<A, V, M>(vv, V(a)));
+                    },
+                    t_i, t_i, g_i, v, bias ? bias : v);
+            if (g_b != nullptr) add_column_sums(gb_part.data() + at::get_thread_num() * n, t_i, 1, n);
+          }
+        }
+        if (g_x != nullptr || g_w != nullptr) {
+          if (v == nullptr) {
+            form_dz<T, A>(dz_i, g_i, nullptr, sign_mask, nullptr, c0 + i, 1, n, a);
+          } else {
+            map_row(n, [a, recompute]<typename M, typename V>(V go, V vv, V bb) {
+                      return go * (recompute ? Act<A>::template grad_from_preact<V, M>(vv + bb, V(a))
+                                             : grad_from_saved<A, V, M>(vv, V(a)));
+                    },
+                    dz_i, g_i, v, bias ? bias : v);
+          }
+        }
+      }
+    });
+    for (int64_t p = 0; g_b != nullptr && want_gz && p < threads; ++p) {
+      map_row(n, []<typename M, typename V>(V s, V v) { return s + v; }, gb_acc.data(), gb_acc.data(),
+              gb_part.data() + p * n);
+    }
+    if (g_x != nullptr) {
+      T* gx_c = g_x + c0 * k;
+      bool started = false;
+      if (want_gz) gemm<T>(r, k, n, {t, n}, {w, k}, gx_c, k), started = true;
+      if (ggw != nullptr) gemm<T>(r, k, n, {dz, n}, {ggw, k}, gx_c, k, started), started = true;
+      if (!started) std::fill_n(gx_c, r * k, T(0));
+    }
+    if (g_w != nullptr) {
+      const bool first = c0 == 0;
+      bool started = !first;
+      if (want_gz) gemm<T>(n, k, r, {t, n, /*trans=*/true}, {x_c, k}, g_w, k, started), started = true;
+      if (ggx != nullptr) gemm<T>(n, k, r, {dz, n, /*trans=*/true}, {ggx + c0 * k, k}, g_w, k, started), started = true;
+      if (!started) std::fill_n(g_w, n * k, T(0));
+    }
+  });
+  if (g_b != nullptr) {
+    for (int64_t j = 0; j < n; ++j) g_b[j] = static_cast<T>(gb_acc[j]);
+  }
+}
+
 template <typename T, Activation A>
 void sign_mask_bytes(const T* y, int64_t numel, uint8_t* bytes, int64_t j0, int64_t j1) {
   int64_t j = j0;
@@ -422,10 +563,32 @@ inline void sign_mask_pack(at::ScalarType dtype, Activation act, const void* y, 
   });
 }
 
+inline void tangent(const TangentArgs& a) {
+  dispatch_dtype(a.dtype, [&]<typename T>(T*) {
+    dispatch_activation(a.act, [&]<Activation A>() {
+      auto p = [](const void* v) { return static_cast<const T*>(v); };
+      tangent_kernel<T, A>(p(a.x), p(a.w), p(a.b), p(a.x_t), p(a.w_t), p(a.b_t), p(a.y), a.sign_mask, a.m, a.k, a.n,
+                           static_cast<T*>(a.out), static_cast<at::opmath_type<T>>(a.a));
+    });
+  });
+}
+
+inline void bwd_bwd(const BwdBwdArgs& a) {
+  dispatch_dtype(a.dtype, [&]<typename T>(T*) {
+    dispatch_activation(a.act, [&]<Activation A>() {
+      auto p = [](const void* v) { return static_cast<const T*>(v); };
+      auto o = [](void* v) { return static_cast<T*>(v); };
+      bwd_bwd_kernel<T, A>(p(a.g), p(a.x), p(a.w), p(a.b), p(a.y), a.sign_mask, p(a.ggx), p(a.ggw), p(a.ggb), a.m,
+                           a.k, a.n, o(a.g_g), o(a.g_x), o(a.g_w), o(a.g_b), static_cast<at::opmath_type<T>>(a.a));
+    });
+  });
+}
+
 #define FB_STRINGIFY2(x) #x
 #define FB_STRINGIFY(x) FB_STRINGIFY2(x)
 // Declared in kernels.h; constant-initialised, so no code of this level runs at load time.
-constinit const Kernels kernels{FB_STRINGIFY(CPU_CAPABILITY), &forward, &backward, &sign_mask_pack};
+constinit const Kernels kernels{FB_STRINGIFY(CPU_CAPABILITY), &forward, &backward, &sign_mask_pack, &tangent,
+                                &bwd_bwd};
 #undef FB_STRINGIFY
 #undef FB_STRINGIFY2
 

@@ -32,7 +32,8 @@ MODE_ALIASES = {"fwd": "forward", "forward": "forward", "bwd": "backward", "back
                 "forward+backward": "forward+backward", "full": "forward+backward"}
 # GEMM flops of each mode in units of M*K*N (one GEMM = 2 MKN): the layer's arithmetic floor.
 MODE_GEMMS = {"forward": 1, "backward": 2, "forward+backward": 3}
-ACTIVATIONS = {"relu": torch.relu, "sigmoid": torch.sigmoid}
+ACTIVATIONS = fb.ACTIVATIONS  # every activation; the default run times DEFAULT_ACTIVATIONS
+DEFAULT_ACTIVATIONS = ("relu", "sigmoid")
 BASELINES = ("eager", "compile", "floor")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float64": torch.float64, "fp64": torch.float64,
           "double": torch.float64, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -100,10 +101,12 @@ def make_tensors(case: Case, seed: int = 0):
 
 
 def eager_fn(activation: str) -> Callable:
-    act = ACTIVATIONS[activation]
+    """``nn.Linear`` + torch's own activation (``F.gelu``, ``F.silu``, ...), default parameters."""
+    act = fb.activations.ACTIVATIONS[activation].forward
+    slope = fb.activations.DEFAULT_NEGATIVE_SLOPE
 
     def eager(x, w, b):
-        return act(F.linear(x, w, b))
+        return act(F.linear(x, w, b), slope)
 
     return eager
 
@@ -217,12 +220,12 @@ def check_provider(provider: Provider, case: Case, tensors, tol: Optional[float]
     except Exception as exc:  # an unsupported dtype, a failing kernel: reported, not timed
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         return Check("error", float("nan"), "", f"{type(exc).__name__}: {first_line}")
+    slope = fb.activations.DEFAULT_NEGATIVE_SLOPE
     with torch.no_grad():
-        want_out = reference.forward(x64, w64, b64, case.activation)
-        saved = out.detach().to(torch.float64)
-        if saved is not None and saved.shape != want_out.shape:
-            saved = None
-        want = reference.backward(g64, x64, w64, b64, saved, case.activation, (True, True, True))
+        want_out = reference.forward(x64, w64, b64, case.activation, slope)
+        # act' from the provider's output where it determines it, else from z in float64
+        saved = out.detach().to(torch.float64) if fb.activations.saves_output(case.activation, slope) else None
+        want = reference.backward(g64, x64, w64, b64, saved, case.activation, (True, True, True), slope)
     errors = {"out": normalized_error(out, want_out)}
     errors.update({name: normalized_error(got, ref) for name, got, ref in zip(("dx", "dW", "db"), grads, want)})
     worst = max(errors, key=lambda k: errors[k])

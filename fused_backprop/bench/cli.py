@@ -1,6 +1,7 @@
 """The command line and the run loop of ``python -m fused_backprop.bench``.
 
     python -m fused_backprop.bench                     # the full run: 3 shapes, relu+sigmoid, float32
+    python -m fused_backprop.bench --activations all   # ... and tanh, leaky_relu, gelu, gelu_tanh, silu
     python -m fused_backprop.bench --quick             # under two minutes on a 2-core CPU
     python -m fused_backprop.bench --modes all --recompute both --dtypes float32,bfloat16
     python -m fused_backprop.bench --shapes 4096x128x128 --backends cpu,torch --baselines eager,floor
@@ -114,8 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="float32, float64, bfloat16, float16 (aliases fp32, bf16, ...; default float32)")
     p.add_argument("--shapes", type=parse_shapes,
                    help="M x K x N list (default: " + ",".join("x".join(map(str, s)) for s in SHAPES) + ")")
-    p.add_argument("--activations", type=_list_arg(tuple(cases.ACTIVATIONS), what="activation"),
-                   default=list(cases.ACTIVATIONS), help="relu, sigmoid (default both)")
+    p.add_argument("--activations", type=_list_arg(cases.ACTIVATIONS + ("all",), what="activation"),
+                   default=list(cases.DEFAULT_ACTIVATIONS),
+                   help=f"{', '.join(cases.ACTIVATIONS)} or all (default {','.join(cases.DEFAULT_ACTIVATIONS)})")
     p.add_argument("--backends", type=_list_arg(what="backend"),
                    help="package backends to time, or 'all' (default: the kernel backends "
                         f"{', '.join(DEFAULT_BACKENDS)} that run on the device; the reference backends "
@@ -161,6 +163,8 @@ def resolve_options(args) -> argparse.Namespace:
     if "all" in args.modes:
         args.modes = list(MODES)
     args.modes = [m for m in MODES if m in args.modes]  # a fixed order
+    if "all" in args.activations:
+        args.activations = list(cases.ACTIVATIONS)
     args.baselines = [] if "none" in args.baselines else [b for b in BASELINES if b in args.baselines]
     args.recompute_values = {"off": [False], "on": [True], "both": [False, True]}[args.recompute]
     args.dtype_list = list(dict.fromkeys(cases.DTYPES[d] for d in args.dtypes))

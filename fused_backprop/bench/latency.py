@@ -8,7 +8,7 @@ costs a user who serves one request or a small batch: M = 1, 2, 4, ..., 4096 row
 {64, 256, 1024}, both activations, float32 on the CPU, in two modes:
 
 * ``inference``: under ``torch.no_grad()``, ``layer(x)`` with ``layer =
-  fb.FusedLinearReLU.from_linear(lin)`` (or ``FusedLinearSigmoid``), against eager
+  fb.FusedLinearAct.from_linear(lin, activation=...)``, against eager
   ``torch.relu(lin(x))`` and ``torch.compile`` of the eager layer (``cases.compiled_fn``: compiled
   per shape, dynamo reset first, so no recompile limit falls back to eager silently);
 * ``training``: one step, ``layer(x).sum().backward()`` with x, weight and bias requiring grad
@@ -44,7 +44,6 @@ LATENCY_M = [2 ** i for i in range(13)]  # 1, 2, 4, ..., 4096
 LATENCY_KN = [64, 256, 1024]
 # timing defaults of --latency (--quick takes cli.QUICK's); the options given explicitly win
 LATENCY = dict(repeat=11, warmup=3, min_sample_ms=10.0)
-LAYERS = {"relu": fb.FusedLinearReLU, "sigmoid": fb.FusedLinearSigmoid}
 
 COLUMNS = ["device", "device_name", "dtype", "mode", "activation", "M", "K", "N", "provider", "status",
            "check_err", "median_us", "q25_us", "q75_us", "spread_pct", "samples", "calls_per_sample",
@@ -166,13 +165,13 @@ def make_stmts(case: Case, mode: str, tensors, compiled=None, providers=PROVIDER
     """{provider: zero-argument callable} for one shape and mode. ``inference`` statements must be
     timed under ``torch.no_grad()`` (``run`` does)."""
     x, w, b, _ = tensors
-    act = cases.ACTIVATIONS[case.activation]
+    act, slope = fb.activations.ACTIVATIONS[case.activation].forward, fb.activations.DEFAULT_NEGATIVE_SLOPE
     lin = nn.Linear(case.K, case.N, device=case.device, dtype=case.dtype)
     with torch.no_grad():
         lin.weight.copy_(w)
         lin.bias.copy_(b)
-    layer = LAYERS[case.activation].from_linear(lin)
-    fns = {"fused": layer, "eager": lambda x_: act(lin(x_)),
+    layer = fb.FusedLinearAct.from_linear(lin, activation=case.activation)
+    fns = {"fused": layer, "eager": lambda x_: act(lin(x_), slope),
            "compile": lambda x_: compiled(x_, lin.weight, lin.bias)}
     stmts = {}
     for p in providers:
