@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # One command on a machine with an NVIDIA GPU: build the extension with the CUDA kernels, run the
-# CUDA tests (GPU parity/opcheck/gradcheck/compile/graphs, static resource checks, host harness)
-# and benchmark the CUDA backend against eager PyTorch (cuBLAS).
+# CUDA tests for every activation (GPU parity/opcheck/gradcheck/special values/compile/graphs,
+# static resource checks, host harness) and benchmark the CUDA backend against eager PyTorch
+# (cuBLAS).
 #
 #   scripts/gpu_check.sh            # build + tests + benchmark
 #   SKIP_BUILD=1 scripts/gpu_check.sh
 #   PY=python3 scripts/gpu_check.sh # another interpreter (default: .venv/bin/python, else python3)
+#   BENCH_ACTIVATIONS=relu,gelu scripts/gpu_check.sh   # fewer activations in the benchmark
 #
-# The benchmark is the project's CLI on the GPU (cuda and triton backends, every dtype, forward,
-# backward and forward+backward, with and without recompute): it prints the tables and writes
-# benchmarks/results/cuda/ (bench.csv, bench.json, PNGs); the log of each step goes to stdout.
+# The benchmark is the project's CLI on the GPU (cuda and triton backends, every dtype, every
+# activation of fb.ACTIVATIONS, forward, backward and forward+backward, with and without
+# recompute): it prints the tables and writes benchmarks/results/cuda/ (bench.csv, bench.json,
+# PNGs); the log of each step goes to stdout.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -43,5 +46,6 @@ echo "== tests"
 "$PY" -m pytest -q -rs tests/test_cuda_gpu.py tests/test_cuda_static.py tests/test_cuda_harness.py
 
 echo "== benchmark"
+BENCH_ACTIVATIONS=${BENCH_ACTIVATIONS:-$("$PY" -c 'import fused_backprop as fb; print(",".join(fb.ACTIVATIONS))')}
 "$PY" -m fused_backprop.bench --device cuda --dtypes float32,float16,bfloat16,float64 --modes all \
-  --recompute both --out benchmarks/results/cuda "$@"
+  --activations "$BENCH_ACTIVATIONS" --recompute both --out benchmarks/results/cuda "$@"

@@ -12,6 +12,7 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -23,8 +24,13 @@ from helpers import ODD_SHAPES
 
 ROOT = Path(__file__).resolve().parents[1]
 HARNESS_DIR = ROOT / "tests" / "cuda_harness"
-KERNEL_SOURCES = [ROOT / "csrc" / "activation.h", ROOT / "csrc" / "cuda" / "launch.h",
-                  ROOT / "csrc" / "cuda" / "kernels.cuh"]
+# what the harness compiles from csrc/, by path relative to csrc/ (a mutant build copies them)
+CSRC_FILES = ["activation.h", "activations.def", "cuda/launch.h", "cuda/kernels.cuh"]
+KERNEL_SOURCES = [ROOT / "csrc" / f for f in CSRC_FILES]
+# every activation of csrc/activations.def (the harness's --list prints the same)
+ACTIVATIONS = tuple(re.findall(r'^FB_ACTIVATION\(\w+, "(\w+)"', (ROOT / "csrc" / "activations.def").read_text(), re.M))
+# relu and leaky relu: their derivative from the 0/1 values the Python layer unpacks a sign mask to
+SIGN_ACTIVATIONS = ("relu", "leaky_relu")
 HARNESS_SOURCES = [HARNESS_DIR / "cuda_host.h", HARNESS_DIR / "harness_main.cpp"]
 CXX = os.environ.get("CXX", "g++")
 SAN_FLAGS = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
@@ -39,7 +45,9 @@ SHAPES = [*ODD_SHAPES, (64, 64, 64), (129, 32, 130), (128, 8, 128), (65, 33, 64)
 # tall-skinny: dW (and dX) take the split-K path with its deterministic second stage
 TALL = [(2000, 20, 10), (700, 9, 3)]
 DTYPES = ("f64", "f32", "f16", "bf16")
-MODES = ("fwd", "bwd", "recompute")
+# fwd_preact runs the forward with and without the pre-activation output (y must be the same bits),
+# so it covers plain fwd; bwd takes what the forward saves (y, or z for gelu, gelu_tanh, silu)
+MODES = ("fwd_preact", "bwd", "recompute")
 # layout / argument variants: aligned (16-byte vector loads), misaligned + padded rows (scalar
 # path, strided), no bias with dw masked out, only dw with padded rows
 VARIANTS = {
@@ -98,8 +106,8 @@ def build_harness(kernel_header: Path | None = None, extra_flags=(), tag="harnes
             # a private csrc/ tree with the replaced kernels.cuh, first on the include path
             alt = out_dir / f"{tag}-src"
             (alt / "cuda").mkdir(parents=True, exist_ok=True)
-            shutil.copy(ROOT / "csrc" / "activation.h", alt / "activation.h")
-            shutil.copy(ROOT / "csrc" / "cuda" / "launch.h", alt / "cuda" / "launch.h")
+            for f in CSRC_FILES:
+                shutil.copy(ROOT / "csrc" / f, alt / f)
             shutil.copy(kernel_header, alt / "cuda" / "kernels.cuh")
             include = ["-I", str(alt), "-I", str(HARNESS_DIR)]
         tmp = out_dir / f"{tag}.tmp"
@@ -127,29 +135,79 @@ def _report(r) -> str:
     return f"exit {r.returncode}\n--- stdout\n{r.stdout[-6000:]}\n--- stderr\n{r.stderr[-6000:]}"
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
+def _check(exe, *args, seed=None):
+    r = run(exe, *args, seed=seed)
+    assert r.returncode == 0 and "PASS" in r.stdout, _report(r)
+
+
+# The layout variants (vector and scalar paths of every operand) run for every activation; the
+# output-mask variants, whose launcher logic no activation changes, for one activation of each
+# saved kind (relu and sigmoid: y; gelu: z).
+MATRIX = [(act, variant) for act in ACTIVATIONS for variant in VARIANTS
+          if variant in ("aligned", "misaligned-strided") or act in ("relu", "sigmoid", "gelu")]
+
+
+@pytest.mark.parametrize("act, variant", MATRIX)
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("act", ("relu", "sigmoid"))
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_kernels_match_host_reference(harness, dtype, act, mode, variant):
-    shapes = SHAPES + (TALL if mode != "fwd" else [])
-    r = run(harness, "--dtype", dtype, "--act", act, "--mode", mode, *VARIANTS[variant], *_shape_args(shapes))
-    assert r.returncode == 0 and "PASS" in r.stdout, _report(r)
+    shapes = SHAPES + (TALL if mode != "fwd_preact" else [])
+    _check(harness, "--dtype", dtype, "--act", act, "--mode", mode, *VARIANTS[variant], *_shape_args(shapes))
+
+
+def test_list_is_activations_def(harness):
+    r = run(harness, "--list")
+    assert r.returncode == 0 and tuple(r.stdout.split()) == ACTIVATIONS, _report(r)
+
+
+@pytest.mark.parametrize("variant", ["aligned", "misaligned-strided"])
+@pytest.mark.parametrize("act", SIGN_ACTIVATIONS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_backward_from_unpacked_sign_mask(harness, dtype, act, variant):
+    # out = the 0/1 values of y > 0: grad_from_output maps them to act' (relu 1/0, leaky relu 1/a)
+    _check(harness, "--dtype", dtype, "--act", act, "--mode", "bwd_mask", "--slope", "0.2", *VARIANTS[variant],
+           *_shape_args(SHAPES + TALL))
+
+
+@pytest.mark.parametrize("slope", ["0", "0.2", "1", "-0.5", "3"])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", ("f64", "f32", "bf16"))
+def test_leaky_relu_slopes(harness, dtype, mode, slope):
+    # the slope reaches every kernel; a negative one has no backward from y (the glue refuses it)
+    if mode == "bwd" and float(slope) < 0:
+        r = run(harness, "--dtype", dtype, "--act", "leaky_relu", "--mode", mode, "--slope", slope, "5,3,4")
+        assert r.returncode == 2 and "use recompute" in r.stderr, _report(r)
+        return
+    _check(harness, "--dtype", dtype, "--act", "leaky_relu", "--mode", mode, "--slope", slope,
+           *_shape_args(SHAPES + TALL))
+
+
+@pytest.mark.parametrize("act", [a for a in ACTIVATIONS if a != "leaky_relu"])
+def test_other_activations_ignore_the_slope(harness, act):
+    for mode in MODES:
+        _check(harness, "--dtype", "f32", "--act", act, "--mode", mode, "--slope", "0.7",
+               *_shape_args([(37, 13, 11), (130, 65, 33)]))
+
+
+def test_bad_arguments_are_refused(harness):
+    for args, expect in [(["--act", "swish"], "bad --act"), (["--mode", "bwd_mask", "--act", "gelu"], "bwd_mask"),
+                         (["--mode", "fwd2"], "bad --mode")]:
+        r = run(harness, *args, "5,3,4")
+        assert r.returncode == 2 and expect in r.stderr, _report(r)
 
 
 @pytest.mark.parametrize("seed", [2, 3])
 def test_result_independent_of_schedule(harness, seed):
-    # other shuffles of threads and blocks: same (correct) answers
+    # other shuffles of threads and blocks: same (correct) answers, from the saved y and the saved z
     for dtype in ("f32", "f16"):
-        r = run(harness, "--dtype", dtype, "--act", "sigmoid", "--mode", "bwd", *_shape_args([(130, 65, 33)]),
-                seed=seed)
-        assert r.returncode == 0, _report(r)
+        for act in ("sigmoid", "gelu"):
+            _check(harness, "--dtype", dtype, "--act", act, "--mode", "bwd", *_shape_args([(130, 65, 33)]), seed=seed)
 
 
-def test_wide_problem(harness):
+@pytest.mark.parametrize("act, mode", [("relu", "recompute"), ("silu", "bwd"), ("gelu_tanh", "fwd_preact")])
+def test_wide_problem(harness, act, mode):
     # several blocks in every grid dimension, all three GEMM forms and both db stages
-    r = run(harness, "--dtype", "f32", "--act", "relu", "--mode", "recompute", *_shape_args([(300, 70, 260)]))
-    assert r.returncode == 0, _report(r)
+    _check(harness, "--dtype", "f32", "--act", act, "--mode", mode, *_shape_args([(300, 70, 260)]))
 
 
 @pytest.mark.parametrize("name", ["schedule", "votes", "missing-sync"])
@@ -191,6 +249,13 @@ MUTATIONS = {
     "db-missing-syncthreads": (
         "  red[group * kDbCols + lane] = s;\n  __syncthreads();", "  red[group * kDbCols + lane] = s;\n",
         ["--mode", "bwd"], "MISMATCH"),
+    "preact-stores-the-activation": (
+        "preact[r * ldp + c] = Num<T>::from_acc(z);",
+        "preact[r * ldp + c] = Num<T>::from_acc(Act<A>::template forward<acc_t<T>>(z, a));",
+        ["--act", "gelu", "--mode", "fwd_preact"], "MISMATCH"),
+    "saved-path-drops-the-slope": (
+        "grad_from_saved<A, acc_t<T>>(Num<T>::to_acc(saved), a)", "grad_from_saved<A, acc_t<T>>(Num<T>::to_acc(saved), 0)",
+        ["--act", "leaky_relu", "--slope", "0.2", "--mode", "bwd"], "MISMATCH"),
 }
 
 

@@ -25,6 +25,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 CUDA_DIR = ROOT / "csrc" / "cuda"
+# what the torch-free kernel units compile from (the glue, linear_act_cuda.cu, is not among them)
+KERNEL_SOURCES = [*sorted(CUDA_DIR.glob("kernels*")), CUDA_DIR / "instantiate.cuh", CUDA_DIR / "launch.h",
+                  ROOT / "csrc" / "activation.h", ROOT / "csrc" / "activations.def"]
+# activations.def's enum names in order: Activation's value i is ACTIVATION_NAMES[i]
+ACTIVATION_NAMES = re.findall(r'^FB_ACTIVATION\(\w+, "(\w+)"', (ROOT / "csrc" / "activations.def").read_text(), re.M)
 DTYPES = ("f32", "f64", "f16", "bf16")
 ARCHS = ("sm_80", "sm_90")
 # the flags torch's CUDAExtension passes, so the kernels are checked as the extension builds them
@@ -68,7 +73,7 @@ pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc not found (set CUDA_H
 
 def _cache_dir() -> Path:
     h = hashlib.sha256()
-    for p in sorted(CUDA_DIR.glob("kernels*")) + [CUDA_DIR / "launch.h", ROOT / "csrc" / "activation.h"]:
+    for p in KERNEL_SOURCES:
         h.update(p.name.encode() + p.read_bytes())
     h.update(" ".join(NVCC_FLAGS).encode())
     h.update(subprocess.run([NVCC, "--version"], capture_output=True, text=True).stdout.encode())
@@ -139,7 +144,7 @@ def _demangle(names):
 
 def _short(demangled: str) -> str:
     s = demangled.replace("fused_backprop::cuda::", "").replace("fused_backprop::", "")
-    s = s.replace("(Activation)0", "relu").replace("(Activation)1", "sigmoid")
+    s = re.sub(r"\(Activation\)(\d+)", lambda m: ACTIVATION_NAMES[int(m.group(1))], s)
     return re.sub(r"\(.*\)$", "", s)
 
 
@@ -160,6 +165,17 @@ def test_no_spills_no_local_memory(reports):
     table = "\n".join(f"{a:6} {d:5} {r:4d} regs {s:6d} B smem  {n}" for a, d, r, s, n in rows)
     print("\nptxas resource report (registers / static shared memory per kernel):\n" + table)
     assert not problems, "register spills / local memory:\n" + "\n".join(problems) + "\n\n" + table
+
+
+def test_every_activation_instantiated(reports):
+    # instantiate.cuh expands activations.def: each dtype has the forward epilogue, the recompute
+    # epilogue and the saved-operand backward of every activation
+    for (dtype, arch), (_, log) in sorted(reports.items()):
+        names = [_short(n) for n in _demangle(list(parse_ptxas(log))).values()]
+        for act in ACTIVATION_NAMES:
+            for part in ("ForwardEpilogue", "RecomputeDzEpilogue", "DzFromSavedOperand", "DzFromSavedElem"):
+                assert any(re.search(rf"{part}<[^<>]*, {act}\b", n) for n in names), \
+                    f"{dtype} {arch}: no {part} kernel for activation {act!r}"
 
 
 def test_tensor_core_kernels_use_hmma(reports):

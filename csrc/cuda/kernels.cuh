@@ -2,7 +2,8 @@
 // activation, taking raw pointers, sizes and leading dimensions.
 //
 // Compiled three ways from this one source:
-//   * by nvcc for the GPU (kernels_<dtype>.cu instantiate the launchers for one element type);
+//   * by nvcc for the GPU (kernels_<dtype>.cu instantiate, through instantiate.cuh, the launchers
+//     for one element type and every activation of activations.def);
 //   * by nvcc -Xptxas -v for the static resource checks (tests/test_cuda_static.py);
 //   * by g++ for the CPU, under the host-execution harness (tests/cuda_harness/cuda_host.h), which
 //     must be included before this header.
@@ -14,8 +15,10 @@
 //   forward  out[M,N] = act(x[M,K] . W[N,K]^T + b)        A = x  (k-contiguous), B = W (k-contiguous)
 //   dX[M,K] = dZ[M,N] . W[N,K]                            A = dZ (k-contiguous), B = W (row-contiguous)
 //   dW[N,K] = dZ[M,N]^T . x[M,K]                          A = dZ (row-contiguous), B = x (row-contiguous)
-// where dZ = dY * act'(.) is formed inside the tile loaders from dY and the saved output, so it is
-// never written to memory (under recompute a GEMM epilogue writes it once instead).
+// where dZ = dY * act'(.) is formed inside the tile loaders from dY and what the forward saved
+// (the output y or the pre-activation z, per kSaved<A>), so it is never written to memory (under
+// recompute a GEMM epilogue writes it once instead). The forward epilogue can also store z.
+// Every kernel takes the activation's parameter `a` (leaky relu's slope) in the accumulation type.
 #pragma once
 
 #include <cstddef>
@@ -41,38 +44,32 @@
 namespace fused_backprop::cuda {
 
 // ------------------------------------------------------------------------------------------
-// Element types: accumulation type and conversions (explicit intrinsics only, so the kernels
-// build under torch's -D__CUDA_NO_HALF_CONVERSIONS__ / -D__CUDA_NO_HALF_OPERATORS__).
+// Element types: conversions to and from the accumulation type acc_t (launch.h), explicit
+// intrinsics only, so the kernels build under torch's -D__CUDA_NO_HALF_CONVERSIONS__ /
+// -D__CUDA_NO_HALF_OPERATORS__.
 // ------------------------------------------------------------------------------------------
 template <typename T>
 struct Num;
 template <>
 struct Num<float> {
-  using acc = float;
   static __device__ __forceinline__ float to_acc(float v) { return v; }
   static __device__ __forceinline__ float from_acc(float v) { return v; }
 };
 template <>
 struct Num<double> {
-  using acc = double;
   static __device__ __forceinline__ double to_acc(double v) { return v; }
   static __device__ __forceinline__ double from_acc(double v) { return v; }
 };
 template <>
 struct Num<__half> {
-  using acc = float;
   static __device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
   static __device__ __forceinline__ __half from_acc(float v) { return __float2half_rn(v); }
 };
 template <>
 struct Num<__nv_bfloat16> {
-  using acc = float;
   static __device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
   static __device__ __forceinline__ __nv_bfloat16 from_acc(float v) { return __float2bfloat16_rn(v); }
 };
-template <typename T>
-using acc_t = typename Num<T>::acc;
-
 template <typename T>
 inline constexpr bool kTensorCore = std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>;
 
@@ -135,36 +132,45 @@ struct PlainOperand {
   }
 };
 
-// dZ = dY * act'(y), formed from the saved output while loading the tile; rounded to T like the
-// materialised dZ of an eager backward.
+// dZ = dY * act'(z), rounded to T like the materialised dZ of an eager backward: from what the
+// forward saved (grad_from_saved<A>: the output y or the pre-activation z, per kSaved<A>), or from
+// the recomputed pre-activation z.
+template <typename T, Activation A>
+__device__ __forceinline__ T dz_from_saved(T dy, T saved, acc_t<T> a) {
+  return Num<T>::from_acc(Num<T>::to_acc(dy) * grad_from_saved<A, acc_t<T>>(Num<T>::to_acc(saved), a));
+}
+template <typename T, Activation A>
+__device__ __forceinline__ T dz_from_preact(T dy, acc_t<T> z, acc_t<T> a) {
+  return Num<T>::from_acc(Num<T>::to_acc(dy) * Act<A>::template grad_from_preact<acc_t<T>>(z, a));
+}
+
+// dZ formed from dY and the saved y or z while loading the tile.
 template <typename T, Activation A, bool KC>
-struct DzFromOutputOperand {
+struct DzFromSavedOperand {
   static constexpr bool kKContig = KC;
   const T* __restrict__ dy;
   int64_t lddy;
-  const T* __restrict__ y;
-  int64_t ldy;
+  const T* __restrict__ saved;
+  int64_t lds;
   int64_t rows, red;
   bool vec;
+  acc_t<T> a;
 
   template <int V>
   __device__ __forceinline__ void load(int64_t r, int64_t k, T (&v)[V]) const {
     if (r < rows && k < red) {
       const T* qd = KC ? dy + r * lddy + k : dy + k * lddy + r;
-      const T* qy = KC ? y + r * ldy + k : y + k * ldy + r;
+      const T* qs = KC ? saved + r * lds + k : saved + k * lds + r;
       T d[V], o[V];
       if constexpr (V == 1) {
         d[0] = *qd;
-        o[0] = *qy;
+        o[0] = *qs;
       } else {
         load_vec<T, V>(qd, d);
-        load_vec<T, V>(qy, o);
+        load_vec<T, V>(qs, o);
       }
 #pragma unroll
-      for (int j = 0; j < V; ++j) {
-        v[j] = Num<T>::from_acc(Num<T>::to_acc(d[j]) *
-                                Act<A>::template grad_from_output<acc_t<T>>(Num<T>::to_acc(o[j])));
-      }
+      for (int j = 0; j < V; ++j) v[j] = dz_from_saved<T, A>(d[j], o[j], a);
     } else {
 #pragma unroll
       for (int j = 0; j < V; ++j) v[j] = Num<T>::from_acc(acc_t<T>(0));
@@ -281,14 +287,19 @@ __device__ __forceinline__ void store_tile(const Op& op, const TileRegs<BR, BK, 
 // ------------------------------------------------------------------------------------------
 // Epilogues: called once per in-bounds output element with the fp accumulator.
 // ------------------------------------------------------------------------------------------
+// out = act(z), z = acc + b; preact (unless nullptr) = z rounded to T.
 template <typename T, Activation A>
 struct ForwardEpilogue {
   T* __restrict__ out;
   int64_t ldo;
+  T* __restrict__ preact;
+  int64_t ldp;
   const T* __restrict__ bias;
+  acc_t<T> a;
   __device__ __forceinline__ void operator()(int64_t r, int64_t c, acc_t<T> z) const {
     if (bias != nullptr) z += Num<T>::to_acc(bias[c]);
-    out[r * ldo + c] = Num<T>::from_acc(Act<A>::template forward<acc_t<T>>(z));
+    if (preact != nullptr) preact[r * ldp + c] = Num<T>::from_acc(z);
+    out[r * ldo + c] = Num<T>::from_acc(Act<A>::template forward<acc_t<T>>(z, a));
   }
   __device__ __forceinline__ const ForwardEpilogue& for_split(unsigned) const { return *this; }
 };
@@ -301,10 +312,10 @@ struct RecomputeDzEpilogue {
   const T* __restrict__ dy;
   int64_t lddy;
   const T* __restrict__ bias;
+  acc_t<T> a;
   __device__ __forceinline__ void operator()(int64_t r, int64_t c, acc_t<T> z) const {
     if (bias != nullptr) z += Num<T>::to_acc(bias[c]);
-    dz[r * lddz + c] = Num<T>::from_acc(Num<T>::to_acc(dy[r * lddy + c]) *
-                                        Act<A>::template grad_from_preact<acc_t<T>>(z));
+    dz[r * lddz + c] = dz_from_preact<T, A>(dy[r * lddy + c], z, a);
   }
   __device__ __forceinline__ const RecomputeDzEpilogue& for_split(unsigned) const { return *this; }
 };
@@ -548,21 +559,25 @@ inline int64_t db_row_blocks(int64_t M) {
   return (M + rpb - 1) / rpb;
 }
 
+// db_partial_kernel's elements: dZ from dY and the saved y or z, or a dZ in memory. kRowUnroll:
+// how far the kernel unrolls its row loop; not at all where act' is transcendental (the saved z of
+// gelu, gelu_tanh, silu), whose unrolled bodies ptxas spills (double gelu_tanh on sm_90).
 template <typename T, Activation A>
-struct DzFromOutputElem {
+struct DzFromSavedElem {
+  static constexpr int kRowUnroll = kSaved<A> == Saved::Preact ? 1 : 4;
   const T* __restrict__ dy;
   int64_t lddy;
-  const T* __restrict__ y;
-  int64_t ldy;
+  const T* __restrict__ saved;
+  int64_t lds;
+  acc_t<T> a;
   __device__ __forceinline__ acc_t<T> operator()(int64_t r, int64_t c) const {
-    const T dz = Num<T>::from_acc(Num<T>::to_acc(dy[r * lddy + c]) *
-                                  Act<A>::template grad_from_output<acc_t<T>>(Num<T>::to_acc(y[r * ldy + c])));
-    return Num<T>::to_acc(dz);
+    return Num<T>::to_acc(dz_from_saved<T, A>(dy[r * lddy + c], saved[r * lds + c], a));
   }
 };
 
 template <typename T>
 struct PlainElem {
+  static constexpr int kRowUnroll = 4;
   const T* __restrict__ p;
   int64_t ld;
   __device__ __forceinline__ acc_t<T> operator()(int64_t r, int64_t c) const { return Num<T>::to_acc(p[r * ld + c]); }
@@ -581,6 +596,7 @@ __global__ void __launch_bounds__(kDbThreads)
   const int64_t r_end = r_begin + rows_per_block < M ? r_begin + rows_per_block : M;
   Acc s = Acc(0);
   if (c < N) {
+#pragma unroll Elem::kRowUnroll
     for (int64_t r = r_begin + group; r < r_end; r += kDbGroups) s += dz(r, c);
   }
   red[group * kDbCols + lane] = s;
@@ -812,7 +828,8 @@ void launch_forward(const FwdProblem<T>& p, cudaStream_t stream, LaunchCheck che
   const PlainOperand<T, true> x{p.x, p.ldx, p.M, p.K, vec_ok(p.x, p.ldx, p.K)};
   const PlainOperand<T, true> w{p.w, p.ldw, p.N, p.K, vec_ok(p.w, p.ldw, p.K)};
   with_gemm_config<T>(p.M, p.N, [&]<class Cfg>() {
-    run_gemm<T, Cfg>(x, w, ForwardEpilogue<T, A>{p.out, p.ldo, p.bias}, p.M, p.N, p.K, stream, check);
+    run_gemm<T, Cfg>(x, w, ForwardEpilogue<T, A>{p.out, p.ldo, p.preact, p.ldp, p.bias, p.a}, p.M, p.N, p.K, stream,
+                     check);
   });
 }
 
@@ -821,19 +838,20 @@ void launch_backward(const BwdProblem<T>& p, cudaStream_t stream, LaunchCheck ch
   using namespace detail;
   // The glue fills dw/db with zeros for M = 0 and dx for N = 0.
   if (p.M == 0 || p.N == 0) return;
-  const bool recompute = p.y == nullptr;
+  const bool recompute = p.saved == nullptr;
   const BwdWorkspace wl =
       bwd_workspace<T>(p.M, p.N, p.K, recompute, p.dx != nullptr, p.dw != nullptr, p.db != nullptr);
   char* ws = static_cast<char*>(p.workspace);
   auto* db_partial = reinterpret_cast<acc_t<T>*>(ws + wl.db_off);
   void* split_ws = ws + wl.split_off;
   if (!recompute) {
-    const bool v = vec_ok(p.dy, p.lddy, p.N) && vec_ok(p.y, p.ldy, p.N);
-    const DzFromOutputOperand<T, A, true> dz_k{p.dy, p.lddy, p.y, p.ldy, p.M, p.N, v};
-    const DzFromOutputOperand<T, A, false> dz_r{p.dy, p.lddy, p.y, p.ldy, p.N, p.M, v};
+    const bool v = vec_ok(p.dy, p.lddy, p.N) && vec_ok(p.saved, p.lds, p.N);
+    const DzFromSavedOperand<T, A, true> dz_k{p.dy, p.lddy, p.saved, p.lds, p.M, p.N, v, p.a};
+    const DzFromSavedOperand<T, A, false> dz_r{p.dy, p.lddy, p.saved, p.lds, p.N, p.M, v, p.a};
     run_input_weight_grads<T>(p, dz_k, dz_r, split_ws, stream, check);
     if (p.db != nullptr) {
-      run_bias_grad<T>(DzFromOutputElem<T, A>{p.dy, p.lddy, p.y, p.ldy}, p.M, p.N, db_partial, p.db, stream, check);
+      run_bias_grad<T>(DzFromSavedElem<T, A>{p.dy, p.lddy, p.saved, p.lds, p.a}, p.M, p.N, db_partial, p.db, stream,
+                       check);
     }
     return;
   }
@@ -843,7 +861,8 @@ void launch_backward(const BwdProblem<T>& p, cudaStream_t stream, LaunchCheck ch
     const PlainOperand<T, true> x{p.x, p.ldx, p.M, p.K, vec_ok(p.x, p.ldx, p.K)};
     const PlainOperand<T, true> w{p.w, p.ldw, p.N, p.K, vec_ok(p.w, p.ldw, p.K)};
     with_gemm_config<T>(p.M, p.N, [&]<class Cfg>() {
-      run_gemm<T, Cfg>(x, w, RecomputeDzEpilogue<T, A>{dz, p.N, p.dy, p.lddy, p.bias}, p.M, p.N, p.K, stream, check);
+      run_gemm<T, Cfg>(x, w, RecomputeDzEpilogue<T, A>{dz, p.N, p.dy, p.lddy, p.bias, p.a}, p.M, p.N, p.K, stream,
+                       check);
     });
   }
   const bool v = vec_ok(static_cast<const T*>(dz), p.N, p.N);
@@ -852,13 +871,5 @@ void launch_backward(const BwdProblem<T>& p, cudaStream_t stream, LaunchCheck ch
   run_input_weight_grads<T>(p, dz_k, dz_r, split_ws, stream, check);
   if (p.db != nullptr) run_bias_grad<T>(PlainElem<T>{dz, p.N}, p.M, p.N, db_partial, p.db, stream, check);
 }
-
-// Explicit instantiation of everything the glue calls for one element type.
-#define FB_CUDA_INSTANTIATE(T)                                                                                   \
-  template size_t bwd_workspace_bytes<T>(int64_t, int64_t, int64_t, bool, bool, bool, bool);                    \
-  template void launch_forward<T, Activation::ReLU>(const FwdProblem<T>&, cudaStream_t, LaunchCheck);           \
-  template void launch_forward<T, Activation::Sigmoid>(const FwdProblem<T>&, cudaStream_t, LaunchCheck);        \
-  template void launch_backward<T, Activation::ReLU>(const BwdProblem<T>&, cudaStream_t, LaunchCheck);          \
-  template void launch_backward<T, Activation::Sigmoid>(const BwdProblem<T>&, cudaStream_t, LaunchCheck)
 
 }  // namespace fused_backprop::cuda

@@ -1,6 +1,3 @@
-// Instantiates the CUDA kernels for __nv_bfloat16 (torch-free: compiles without the torch headers).
-#include "kernels.cuh"
-
-namespace fused_backprop::cuda {
-FB_CUDA_INSTANTIATE(__nv_bfloat16);
-}  // namespace fused_backprop::cuda
+// Instantiates the CUDA kernels for __nv_bfloat16, every activation (torch-free: compiles without the torch headers).
+#define FB_CUDA_ELEMENT_TYPE __nv_bfloat16
+#include "instantiate.cuh"

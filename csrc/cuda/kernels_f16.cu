@@ -1,6 +1,3 @@
-// Instantiates the CUDA kernels for __half (torch-free: compiles without the torch headers).
-#include "kernels.cuh"
-
-namespace fused_backprop::cuda {
-FB_CUDA_INSTANTIATE(__half);
-}  // namespace fused_backprop::cuda
+// Instantiates the CUDA kernels for __half, every activation (torch-free: compiles without the torch headers).
+#define FB_CUDA_ELEMENT_TYPE __half
+#include "instantiate.cuh"

@@ -1,6 +1,3 @@
-// Instantiates the CUDA kernels for double (torch-free: compiles without the torch headers).
-#include "kernels.cuh"
-
-namespace fused_backprop::cuda {
-FB_CUDA_INSTANTIATE(double);
-}  // namespace fused_backprop::cuda
+// Instantiates the CUDA kernels for double, every activation (torch-free: compiles without the torch headers).
+#define FB_CUDA_ELEMENT_TYPE double
+#include "instantiate.cuh"

@@ -27,7 +27,26 @@ namespace fused_backprop::cuda {
 // Called after every kernel launch (the glue passes C10_CUDA_KERNEL_LAUNCH_CHECK).
 using LaunchCheck = void (*)();
 
-// y = act(x W^T + b): x (M, K), weight (N, K), bias (N) or nullptr, out (M, N).
+// The type the kernels compute in: float for the 16-bit types, else the element type itself. The
+// activation's parameter `a` (leaky relu's negative slope; the others ignore it) is given in it.
+template <typename T>
+struct AccType {
+  using type = T;
+};
+template <>
+struct AccType<__half> {
+  using type = float;
+};
+template <>
+struct AccType<__nv_bfloat16> {
+  using type = float;
+};
+template <typename T>
+using acc_t = typename AccType<T>::type;
+
+// y = act(x W^T + b): x (M, K), weight (N, K), bias (N) or nullptr, out (M, N); preact (M, N),
+// unless nullptr, gets the pre-activation z = x W^T + b (rounded to T; out is computed from the
+// unrounded z either way, so it does not depend on whether preact is stored).
 template <typename T>
 struct FwdProblem {
   const T* x;
@@ -37,13 +56,19 @@ struct FwdProblem {
   const T* bias;  // may be nullptr
   T* out;
   int64_t ldo;
+  T* preact;  // may be nullptr
+  int64_t ldp;
   int64_t M, N, K;
+  acc_t<T> a;  // the activation's parameter
 };
 
 // Backward of y = act(x W^T + b).
-//   y != nullptr: dZ = dY * act'(from y), formed on the fly inside the GEMM tile loaders.
-//   y == nullptr (recompute): Z = x W^T + b is recomputed by a GEMM whose epilogue writes dZ to
-//   the workspace; the GEMMs below then read that dZ.
+//   saved != nullptr: what the forward kept, as kSaved<A> says (activations.def): the layer output
+//   y (relu, sigmoid, tanh, leaky relu; for relu and leaky relu a 0/1 mask of y > 0 serves too) or
+//   the pre-activation z (gelu, gelu_tanh, silu). dZ = dY * grad_from_saved<A>(saved) is formed
+//   on the fly inside the GEMM tile loaders.
+//   saved == nullptr (recompute): Z = x W^T + b is recomputed by a GEMM whose epilogue writes
+//   dZ = dY * act'(Z) to the workspace; the GEMMs below then read that dZ.
 // dx (M, K), dw (N, K), db (N): nullptr when not requested. db is reduced deterministically:
 // per-block column partials (fixed row blocks) then a second, fixed-order stage; no atomics.
 template <typename T>
@@ -54,9 +79,9 @@ struct BwdProblem {
   int64_t ldx;
   const T* w;
   int64_t ldw;
-  const T* bias;  // used only under recompute; may be nullptr
-  const T* y;     // saved output, or nullptr = recompute
-  int64_t ldy;
+  const T* bias;   // used only under recompute; may be nullptr
+  const T* saved;  // y or z (see above), or nullptr = recompute
+  int64_t lds;
   T* dx;
   int64_t lddx;
   T* dw;
@@ -64,6 +89,7 @@ struct BwdProblem {
   T* db;
   int64_t M, N, K;
   void* workspace;  // bwd_workspace_bytes<T>(...) bytes, 256-byte aligned
+  acc_t<T> a;       // the activation's parameter
 };
 
 // Bytes of scratch the backward needs (0 when none): dZ (M x N, T) under recompute, the db

@@ -60,30 +60,59 @@ CT* mptr(at::Tensor& t) {
   return static_cast<CT*>(t.mutable_data_ptr());
 }
 
-at::Tensor linear_act_fwd_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                               std::string_view activation) {
+// out = act(x W^T + b); with keep_preact, *preact = the pre-activation x W^T + b as well.
+at::Tensor forward_into(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                        std::string_view activation, double negative_slope, bool keep_preact, at::Tensor* preact) {
   const Activation act = check_forward_args(x, weight, bias, activation, kCudaDtypes);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
   at::Tensor out = at::empty({M, N}, x.options());
+  if (keep_preact) *preact = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return out;  // nothing to launch
   const at::Tensor xr = as_rowmajor(x), wr = as_rowmajor(weight);
   const at::Tensor br = bias.has_value() ? bias->contiguous() : at::Tensor();
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream(x.device().index()).stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "linear_act_fwd_cuda", [&] {
     using CT = typename CudaType<scalar_t>::type;
-    const cuda::FwdProblem<CT> p{cptr<CT>(xr), leading_dim(xr), cptr<CT>(wr), leading_dim(wr),
+    const cuda::FwdProblem<CT> p{cptr<CT>(xr),
+                                 leading_dim(xr),
+                                 cptr<CT>(wr),
+                                 leading_dim(wr),
                                  br.defined() ? cptr<CT>(br) : nullptr,
-                                 mptr<CT>(out), N, M, N, K};
+                                 mptr<CT>(out),
+                                 N,
+                                 keep_preact ? mptr<CT>(*preact) : nullptr,
+                                 N,
+                                 M,
+                                 N,
+                                 K,
+                                 static_cast<cuda::acc_t<CT>>(negative_slope)};
     dispatch_activation(act, [&]<Activation A>() { cuda::launch_forward<CT, A>(p, stream, launch_check); });
   });
   return out;
 }
 
+at::Tensor linear_act_fwd_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                               std::string_view activation, double negative_slope) {
+  return forward_into(x, weight, bias, activation, negative_slope, false, nullptr);
+}
+
+std::tuple<at::Tensor, at::Tensor> linear_act_fwd_preact_cuda(const at::Tensor& x, const at::Tensor& weight,
+                                                              const std::optional<at::Tensor>& bias,
+                                                              std::string_view activation, double negative_slope) {
+  at::Tensor preact;
+  at::Tensor out = forward_into(x, weight, bias, activation, negative_slope, true, &preact);
+  return {out, preact};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_bwd_cuda(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-    const std::optional<at::Tensor>& out, std::string_view activation, std::array<bool, 3> output_mask) {
-  const Activation act = check_backward_args(grad_out, x, weight, bias, out, activation, kCudaDtypes);
+    const std::optional<at::Tensor>& out, std::string_view activation, std::array<bool, 3> output_mask,
+    double negative_slope) {
+  // out: the layer output y or the pre-activation z, as the activation's kSaved says, or None
+  // (recompute). No packed sign masks here: the Python layer unpacks them to 0/1 values of y.
+  const Activation act =
+      check_backward_args(grad_out, x, weight, bias, out, activation, negative_slope, kCudaDtypes);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
   const bool want_dx = output_mask[0], want_dw = output_mask[1], want_db = output_mask[2] && bias.has_value();
@@ -100,7 +129,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_bwd_cuda(
   if (!want_dx && !want_dw && !want_db) return {dx, dw, db};
   const bool recompute = !out.has_value();
   const at::Tensor gr = as_rowmajor(grad_out), xr = as_rowmajor(x), wr = as_rowmajor(weight);
-  const at::Tensor yr = recompute ? at::Tensor() : as_rowmajor(*out);
+  const at::Tensor sr = recompute ? at::Tensor() : as_rowmajor(*out);
   const at::Tensor br = bias.has_value() ? bias->contiguous() : at::Tensor();
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream(x.device().index()).stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "linear_act_bwd_cuda", [&] {
@@ -115,8 +144,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_bwd_cuda(
                                  cptr<CT>(wr),
                                  leading_dim(wr),
                                  br.defined() ? cptr<CT>(br) : nullptr,
-                                 recompute ? nullptr : cptr<CT>(yr),
-                                 recompute ? N : leading_dim(yr),
+                                 recompute ? nullptr : cptr<CT>(sr),
+                                 recompute ? N : leading_dim(sr),
                                  want_dx ? mptr<CT>(dx) : nullptr,
                                  K,
                                  want_dw ? mptr<CT>(dw) : nullptr,
@@ -125,7 +154,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_bwd_cuda(
                                  M,
                                  N,
                                  K,
-                                 ws.defined() ? ws.mutable_data_ptr() : nullptr};
+                                 ws.defined() ? ws.mutable_data_ptr() : nullptr,
+                                 static_cast<cuda::acc_t<CT>>(negative_slope)};
     dispatch_activation(act, [&]<Activation A>() { cuda::launch_backward<CT, A>(p, stream, launch_check); });
   });
   return {dx, dw, db};
@@ -136,5 +166,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_bwd_cuda(
 
 TORCH_LIBRARY_IMPL(fused_backprop, CUDA, m) {
   m.impl("linear_act_fwd", &fused_backprop::linear_act_fwd_cuda);
+  m.impl("linear_act_fwd_preact", &fused_backprop::linear_act_fwd_preact_cuda);
   m.impl("linear_act_bwd", &fused_backprop::linear_act_bwd_cuda);
 }

@@ -3,10 +3,18 @@
 // harness itself aborts on divergent barriers/collectives, and the sanitizers on any
 // out-of-bounds access.
 //
-//   harness_main --dtype f32|f64|f16|bf16 --act relu|sigmoid --mode fwd|bwd|recompute
-//                [--bias 0|1] [--mask 111] [--pad P] [--misalign 0|1] [--seed S] M,K,N [M,K,N ...]
+//   harness_main --dtype f32|f64|f16|bf16 --act NAME --mode fwd|fwd_preact|bwd|bwd_mask|recompute
+//                [--slope A] [--bias 0|1] [--mask 111] [--pad P] [--misalign 0|1] [--seed S]
+//                M,K,N [M,K,N ...]
+//   harness_main --list               (the activations, one per line)
 //   harness_main --selftest NAME      (harness self-tests; see run_selftest)
 //
+// --act: any name of csrc/activations.def. --slope A: the activation's parameter (leaky relu's
+// negative slope, default 0.01; the others ignore it).
+// Modes: fwd (y), fwd_preact (y and the pre-activation z; y must be bitwise the y of fwd), bwd
+// (from what the forward saves, as kSaved says: y, or z for gelu, gelu_tanh, silu), bwd_mask (relu
+// and leaky relu: from the 0/1 values of y > 0 that the Python layer unpacks a sign mask to),
+// recompute (no saved tensor).
 // --pad P adds P elements to every leading dimension (strided rows); --misalign 1 offsets every
 // matrix by one element so the 16-byte vector path is off and the scalar path runs.
 #include "cuda_host.h"
@@ -17,14 +25,69 @@
 #include <cinttypes>
 #include <string>
 
-using fused_backprop::Act;
 using fused_backprop::Activation;
 namespace fbc = fused_backprop::cuda;
 
 namespace {
 
+// ---- the host reference's activations: its own double-precision formulas (activation.h is what
+// is under test, so it is not used here) -------------------------------------------------------
+// f(z, a) = act(z); df(z, a) = act'(z); df_from_y(y, a) = act'(z) written with y = act(z), for
+// the activations whose backward takes the layer output (nullptr for those that keep z).
+struct RefAct {
+  const char* name;
+  double (*f)(double z, double a);
+  double (*df)(double z, double a);
+  double (*df_from_y)(double y, double a);
+};
+
+constexpr double kSqrt2OverPi = 0.797884560802865355879892119869;  // sqrt(2 / pi)
+constexpr double kInvSqrt2Pi = 0.398942280401432677939946059934;   // 1 / sqrt(2 pi)
+constexpr double kInvSqrt2 = 0.707106781186547524400844362105;     // 1 / sqrt(2)
+constexpr double kGeluTanhC = 0.044715;
+
+double logistic(double z) { return 1.0 / (1.0 + std::exp(-z)); }
+double sech2(double u) { return 1.0 / (std::cosh(u) * std::cosh(u)); }
+double gelu_tanh_u(double z) { return kSqrt2OverPi * (z + kGeluTanhC * z * z * z); }
+
+const RefAct kRefActs[] = {
+    {"relu", [](double z, double) { return z > 0 ? z : 0.0; }, [](double z, double) { return z > 0 ? 1.0 : 0.0; },
+     [](double y, double) { return y > 0 ? 1.0 : 0.0; }},
+    {"sigmoid", [](double z, double) { return logistic(z); },
+     [](double z, double) { return logistic(z) * logistic(-z); }, [](double y, double) { return y * (1 - y); }},
+    {"tanh", [](double z, double) { return std::tanh(z); }, [](double z, double) { return sech2(z); },
+     [](double y, double) { return 1 - y * y; }},
+    {"leaky_relu", [](double z, double a) { return z > 0 ? z : a * z; },
+     [](double z, double a) { return z > 0 ? 1.0 : a; }, [](double y, double a) { return y > 0 ? 1.0 : a; }},
+    // z Phi(z), Phi(z) = erfc(-z / sqrt 2) / 2
+    {"gelu", [](double z, double) { return 0.5 * z * std::erfc(-z * kInvSqrt2); },
+     [](double z, double) { return 0.5 * std::erfc(-z * kInvSqrt2) + z * kInvSqrt2Pi * std::exp(-0.5 * z * z); },
+     nullptr},
+    {"gelu_tanh", [](double z, double) { return 0.5 * z * (1 + std::tanh(gelu_tanh_u(z))); },
+     [](double z, double) {
+       const double u = gelu_tanh_u(z);
+       return 0.5 * (1 + std::tanh(u)) + 0.5 * z * sech2(u) * kSqrt2OverPi * (1 + 3 * kGeluTanhC * z * z);
+     },
+     nullptr},
+    {"silu", [](double z, double) { return z * logistic(z); },
+     [](double z, double) { return logistic(z) * (1 + z * logistic(-z)); }, nullptr},
+};
+
+// The reference entry of an activations.def row; a row without one stops the harness.
+const RefAct& ref_act(Activation act) {
+  const char* name = fused_backprop::info(act).name;
+  for (const RefAct& r : kRefActs) {
+    if (std::strcmp(r.name, name) == 0) return r;
+  }
+  std::fprintf(stderr, "the host reference has no formulas for activation '%s' (tests/cuda_harness/harness_main.cpp)\n",
+               name);
+  std::exit(2);
+}
+
 struct Options {
   std::string dtype = "f32", act = "relu", mode = "fwd";
+  Activation activation = Activation::ReLU;
+  double slope = 0.01;
   bool bias = true;
   bool mask[3] = {true, true, true};
   int64_t pad = 0;
@@ -120,8 +183,20 @@ bool compare(const char* what, const Mat<T>& got, const std::vector<double>& ref
 
 void no_check() {}
 
+// Whether two matrices hold the same bits.
+template <typename T>
+bool same_bits(const Mat<T>& a, const Mat<T>& b) {
+  for (int64_t r = 0; r < a.rows; ++r) {
+    if (std::memcmp(&a.p[r * a.ld], &b.p[r * b.ld], static_cast<size_t>(a.cols) * sizeof(T)) != 0) return false;
+  }
+  return true;
+}
+
 template <typename T, Activation A>
-bool run_case(const Options& o, int64_t M, int64_t K, int64_t N) {
+bool run_case(const Options& o, const RefAct& ref, int64_t M, int64_t K, int64_t N) {
+  // the parameter as the kernels get it (rounded to the accumulation type), for both sides
+  const fbc::acc_t<T> a_acc = static_cast<fbc::acc_t<T>>(o.slope);
+  const double a = static_cast<double>(a_acc);
   std::mt19937_64 g(o.seed * 1000003ull + static_cast<uint64_t>(M * 131 + K * 17 + N));
   Mat<T> x(M, K, o.pad, o.misalign), w(N, K, o.pad, o.misalign), b(1, N, 0, o.misalign);
   fill_random(x, g, 1.0);
@@ -136,31 +211,48 @@ bool run_case(const Options& o, int64_t M, int64_t K, int64_t N) {
       double s = o.bias ? b.get(0, n) : 0.0;
       for (int64_t k = 0; k < K; ++k) s += x.get(m, k) * w.get(n, k);
       z[m * N + n] = s;
-      y[m * N + n] = Act<A>::template forward<double>(s);
+      y[m * N + n] = ref.f(s, a);
     }
 
   bool ok = true;
   std::printf("  M=%" PRId64 " K=%" PRId64 " N=%" PRId64 "\n", M, K, N);
-  if (o.mode == "fwd") {
-    Mat<T> out(M, N, o.pad, o.misalign);
-    const fbc::FwdProblem<T> p{x.p, x.ld, w.p, w.ld, bias, out.p, out.ld, M, N, K};
+  if (o.mode == "fwd" || o.mode == "fwd_preact") {
+    const bool keep = o.mode == "fwd_preact";
+    Mat<T> out(M, N, o.pad, o.misalign), zt(M, N, o.pad, o.misalign);
+    fbc::FwdProblem<T> p{x.p, x.ld, w.p, w.ld, bias, out.p, out.ld, keep ? zt.p : nullptr, zt.ld, M, N, K, a_acc};
     fbc::launch_forward<T, A>(p, nullptr, no_check);
     ok &= compare("y", out, y, N);
+    if (keep) {
+      ok &= compare("z", zt, z, N);
+      // y does not depend on whether z is stored
+      Mat<T> alone(M, N, o.pad, o.misalign);
+      p.out = alone.p;
+      p.preact = nullptr;
+      fbc::launch_forward<T, A>(p, nullptr, no_check);
+      if (!same_bits(out, alone)) ok = false, std::printf("    y differs from the y of a forward without z\n");
+    }
     return ok;
   }
 
-  const bool recompute = o.mode == "recompute";
-  Mat<T> dy(M, N, o.pad, o.misalign), yt(M, N, o.pad, o.misalign);
+  // what backward is given: nothing (recompute), y or z as kSaved says, or y's 0/1 sign mask
+  const bool recompute = o.mode == "recompute", from_mask = o.mode == "bwd_mask";
+  const bool saves_y = fused_backprop::kSaved<A> == fused_backprop::Saved::Output;
+  Mat<T> dy(M, N, o.pad, o.misalign), st(M, N, o.pad, o.misalign);
   fill_random(dy, g, 1.0);
   for (int64_t m = 0; m < M; ++m)
-    for (int64_t n = 0; n < N; ++n) yt.at(m, n) = from_d<T>(y[m * N + n]);
+    for (int64_t n = 0; n < N; ++n) {
+      const double v = y[m * N + n];
+      st.at(m, n) = from_d<T>(from_mask ? (v > 0 ? 1.0 : 0.0) : saves_y ? v : z[m * N + n]);
+    }
   // reference dZ, rounded through T like the kernels (and an eager backward) store it
   std::vector<double> dz(static_cast<size_t>(M * N));
   for (int64_t m = 0; m < M; ++m)
     for (int64_t n = 0; n < N; ++n) {
       const double d = dy.get(m, n);
-      const double gz = recompute ? Act<A>::template grad_from_preact<double>(z[m * N + n])
-                                  : Act<A>::template grad_from_output<double>(yt.get(m, n));
+      // (a 0/1 mask is a y as far as act' is concerned: 1 > 0 where y > 0, 0 elsewhere)
+      const double gz = recompute ? ref.df(z[m * N + n], a)
+                        : saves_y ? ref.df_from_y(st.get(m, n), a)
+                                  : ref.df(st.get(m, n), a);
       dz[m * N + n] = round_t<T>(d * gz);
     }
   std::vector<double> dx(static_cast<size_t>(M * K), 0.0), dw(static_cast<size_t>(N * K), 0.0), db(N, 0.0);
@@ -186,8 +278,8 @@ bool run_case(const Options& o, int64_t M, int64_t K, int64_t N) {
                              w.p,
                              w.ld,
                              bias,
-                             recompute ? nullptr : yt.p,
-                             yt.ld,
+                             recompute ? nullptr : st.p,
+                             st.ld,
                              want_dx ? gx.p : nullptr,
                              gx.ld,
                              want_dw ? gw.p : nullptr,
@@ -196,7 +288,8 @@ bool run_case(const Options& o, int64_t M, int64_t K, int64_t N) {
                              M,
                              N,
                              K,
-                             ws};
+                             ws,
+                             a_acc};
   fbc::launch_backward<T, A>(p, nullptr, no_check);
   if (ws) ::operator delete(ws, std::align_val_t(256));
 
@@ -217,15 +310,42 @@ bool run_case(const Options& o, int64_t M, int64_t K, int64_t N) {
 
 template <typename T>
 bool run_all(const Options& o) {
-  bool ok = true;
-  for (const auto& s : o.shapes) {
-    if (o.act == "relu") {
-      ok &= run_case<T, Activation::ReLU>(o, s[0], s[1], s[2]);
-    } else {
-      ok &= run_case<T, Activation::Sigmoid>(o, s[0], s[1], s[2]);
+  const RefAct& ref = ref_act(o.activation);
+  return fused_backprop::dispatch_activation(o.activation, [&]<Activation A>() {
+    bool ok = true;
+    for (const auto& s : o.shapes) ok &= run_case<T, A>(o, ref, s[0], s[1], s[2]);
+    return ok;
+  });
+}
+
+// Checks the options against activations.def and the reference; prints why not and returns false.
+bool resolve(Options& o) {
+  bool found = false;
+  for (int i = 0; i < fused_backprop::kNumActivations; ++i) {
+    const auto act = static_cast<Activation>(i);
+    const RefAct& ref = ref_act(act);  // every row has reference formulas, and the same saved kind
+    if ((fused_backprop::info(act).saved == fused_backprop::Saved::Output) != (ref.df_from_y != nullptr)) {
+      std::fprintf(stderr, "activations.def and the host reference disagree on what '%s' saves\n", ref.name);
+      return false;
     }
+    if (o.act == ref.name) o.activation = act, found = true;
   }
-  return ok;
+  if (!found) return std::fprintf(stderr, "bad --act %s (--list shows the names)\n", o.act.c_str()), false;
+  const auto& info = fused_backprop::info(o.activation);
+  if (o.mode != "fwd" && o.mode != "fwd_preact" && o.mode != "bwd" && o.mode != "bwd_mask" &&
+      o.mode != "recompute") {
+    return std::fprintf(stderr, "bad --mode %s\n", o.mode.c_str()), false;
+  }
+  if (o.mode == "bwd_mask" && !info.sign_decides) {
+    return std::fprintf(stderr, "--mode bwd_mask needs an activation whose sign decides act' (relu, leaky_relu)\n"),
+           false;
+  }
+  if ((o.mode == "bwd" || o.mode == "bwd_mask") && o.activation == Activation::LeakyReLU && o.slope < 0) {
+    // as check_backward_args: with a < 0, y > 0 for z < 0 too, so y does not give the branch
+    return std::fprintf(stderr, "leaky_relu with --slope < 0 has no backward from the output: use recompute\n"),
+           false;
+  }
+  return true;
 }
 
 // ---- harness self-tests ----------------------------------------------------------------------
@@ -364,7 +484,12 @@ int main(int argc, char** argv) {
       return argv[++i];
     };
     if (a == "--selftest") return run_selftest(next());
+    if (a == "--list") {
+      for (const auto& act : fused_backprop::kActivations) std::printf("%s\n", act.name);
+      return 0;
+    }
     if (a == "--dtype") o.dtype = next();
+    else if (a == "--slope") o.slope = std::stod(next());
     else if (a == "--act") o.act = next();
     else if (a == "--mode") o.mode = next();
     else if (a == "--bias") o.bias = next() != "0";
@@ -384,12 +509,9 @@ int main(int argc, char** argv) {
       o.shapes.push_back(s);
     }
   }
-  if ((o.act != "relu" && o.act != "sigmoid") || (o.mode != "fwd" && o.mode != "bwd" && o.mode != "recompute")) {
-    std::fprintf(stderr, "bad --act or --mode\n");
-    return 2;
-  }
-  std::printf("%s %s %s bias=%d mask=%d%d%d pad=%" PRId64 " misalign=%d\n", o.dtype.c_str(), o.act.c_str(),
-              o.mode.c_str(), o.bias, o.mask[0], o.mask[1], o.mask[2], o.pad, o.misalign);
+  if (!resolve(o)) return 2;
+  std::printf("%s %s %s slope=%g bias=%d mask=%d%d%d pad=%" PRId64 " misalign=%d\n", o.dtype.c_str(),
+              o.act.c_str(), o.mode.c_str(), o.slope, o.bias, o.mask[0], o.mask[1], o.mask[2], o.pad, o.misalign);
   bool ok;
   if (o.dtype == "f32") ok = run_all<float>(o);
 #ifndef HARNESS_ONLY_F32  // (a float32-only build compiles faster; the mutation tests use it)
