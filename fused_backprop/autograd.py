@@ -3,10 +3,21 @@
 The public path is ``LinearActFunction`` (an ``autograd.Function`` that only calls a backend, as
 FlashAttention's fused_dense does); the registered ops get the same formula through
 ``torch.library.register_autograd``. What the forward keeps for backward is decided once, in
-``linear_act_forward``. Both paths end in ``linear_act_backward``, which also decides when a
-differentiable backward is needed: if a graph is being built during backward
-(``create_graph=True``, double backward), it runs the composite ``torch`` backend instead of the
-kernels, whose outputs autograd cannot see through.
+``linear_act_forward``. Both paths end in ``linear_act_backward``, which also decides when the
+backward must itself be differentiable: when a graph is recorded during backward
+(``create_graph=True``: double backward, gradient penalties), under a torch.func transform or in
+a forward-mode AD level, it runs as ``LinearActBackward``, a Function of its own whose forward is
+the fused first-order backward and whose backward (the double backward) and jvp
+(forward-over-reverse) are ``func.linear_act_bwd_bwd``.
+
+Each Function comes in two forms with one backward. The setup_context form (``LinearActFunction``,
+``LinearActBackward``) is what torch.func requires, with ``vmap`` and ``jvp`` rules; but
+``Function.apply`` binds the arguments of a setup_context-form forward with ``inspect.signature``
+on every call (10-25 us, more than a small layer's whole step), so calls made outside any
+transform or dual level take the combined (ctx) form, ``EagerLinearActFunction`` /
+``EagerLinearActBackward``: the same saving policy and backward, no jvp (torch.compile cannot
+trace an ``autograd.Function`` that defines one). ``func.transforms_active()`` picks between them
+(about 0.1 us).
 """
 
 from __future__ import annotations
@@ -15,23 +26,29 @@ from typing import Optional
 
 import torch
 
-from . import backends, sign_mask
+from . import backends, func, sign_mask
 from .activations import ACTIVATIONS, saves_output, uses_sign_mask
 from .backends import Backend
+from .func import jvp_rule_tensors, linear_act_bwd_bwd, linear_act_tangent, transforms_active
+
+
+def backward_kernels(grad_out, x, weight, bias, out, activation, output_mask, negative_slope, backend: Backend):
+    """(dx, dw, db) from ``backend``'s backward, which nothing differentiates."""
+    if out is not None and out.dtype == torch.uint8 and not backend.accepts_sign_mask:
+        out = sign_mask.unpack(out, grad_out.shape, x.dtype)
+    return backend.backward(grad_out, x, weight, bias, out, activation, output_mask, negative_slope)
 
 
 def linear_act_backward(grad_out, x, weight, bias, out, activation, output_mask, negative_slope,
                         backend: Backend):
     """(dx, dw, db) of ``act(x @ weight.T + bias)``; ``out`` is what the forward kept: the layer
     output or the pre-activation (``activations.saves_output``), a uint8 packed sign mask, or None
-    to recompute the pre-activation."""
-    if torch.is_grad_enabled() and not backend.differentiable:
-        backend = backends.get("torch")
-        if not saves_output(activation, negative_slope):
-            out = None  # a kept pre-activation is not in the graph: rebuild it from x, weight, bias
-    if out is not None and out.dtype == torch.uint8 and not backend.accepts_sign_mask:
-        out = sign_mask.unpack(out, grad_out.shape, x.dtype)
-    return backend.backward(grad_out, x, weight, bias, out, activation, output_mask, negative_slope)
+    to recompute the pre-activation. Differentiable (``LinearActBackward``) when that may be
+    needed (``func.needs_graph()``), else the backend's kernels alone."""
+    if not func.needs_graph():
+        return backward_kernels(grad_out, x, weight, bias, out, activation, output_mask, negative_slope, backend)
+    mask = (bool(output_mask[0]), bool(output_mask[1]), bool(output_mask[2]) and bias is not None)
+    return backward_function().apply(grad_out, x, weight, bias, out, activation, negative_slope, mask, backend)
 
 
 def linear_act_forward(x, weight, bias, activation, negative_slope, recompute, backend: Backend):
@@ -52,9 +69,51 @@ def _output_mask(needs_input_grad, bias) -> tuple[bool, bool, bool]:
     return bool(needs_input_grad[0]), bool(needs_input_grad[1]), bool(needs_input_grad[2]) and bias is not None
 
 
+def _linear_act_vjp(ctx, grad_out):
+    x, weight, bias, kept = ctx.saved_tensors
+    dx, dw, db = linear_act_backward(grad_out, x, weight, bias, kept, ctx.activation,
+                                     _output_mask(ctx.needs_input_grad, bias), ctx.negative_slope, ctx.backend)
+    return dx, dw, db, None, None, None, None
+
+
 class LinearActFunction(torch.autograd.Function):
-    """``act(x @ weight.T + bias)`` for a 2-D x on a chosen backend. Saves (x, weight, bias) and
-    what ``linear_act_forward`` keeps."""
+    """``act(x @ weight.T + bias)`` for a 2-D x on a chosen backend, in the setup_context form that
+    torch.func needs. Saves (x, weight, bias) and the output where act' is a function of it (else
+    nothing: backward recomputes the pre-activation; ``recompute``'s memory savings, the sign mask
+    and the kept pre-activation, are ``EagerLinearActFunction``'s)."""
+
+    @staticmethod
+    def forward(x, weight, bias, activation: str, negative_slope: float, recompute: bool, backend: Backend):
+        return backend.forward(x, weight, bias, activation, negative_slope)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, activation, negative_slope, _, backend = inputs
+        ctx.activation, ctx.negative_slope, ctx.backend = activation, negative_slope, backend
+        saved = (x, weight, bias, output if saves_output(activation, negative_slope) else None)
+        ctx.save_for_backward(*saved)
+        ctx.save_for_forward(*saved)
+
+    backward = staticmethod(_linear_act_vjp)
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        with jvp_rule_tensors(*ctx.saved_tensors, *tangents[:3]) as (x, weight, bias, kept, x_t, weight_t, bias_t):
+            return linear_act_tangent(x, weight, bias, x_t, weight_t, bias_t, kept, ctx.activation,
+                                      ctx.negative_slope, fused=func.fused_for(ctx.backend))
+
+    @staticmethod
+    def vmap(info, in_dims, x, weight, bias, activation, negative_slope, recompute, backend):
+        def apply(x, weight, bias):
+            return linear_act_function().apply(x, weight, bias, activation, negative_slope, recompute, backend)
+
+        return func.forward_vmap(apply, info.batch_size, in_dims, x, weight, bias, activation, negative_slope)
+
+
+class EagerLinearActFunction(torch.autograd.Function):
+    """``LinearActFunction`` in the combined (ctx) form, for calls outside torch.func transforms
+    and dual levels (see the module doc). Saves (x, weight, bias) and what ``linear_act_forward``
+    keeps."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, activation: str, negative_slope: float, recompute: bool, backend: Backend):
@@ -63,12 +122,87 @@ class LinearActFunction(torch.autograd.Function):
         ctx.save_for_backward(x, weight, bias, kept)
         return out
 
+    backward = staticmethod(_linear_act_vjp)
+
+
+def linear_act_function():
+    """The form of the layer's Function that runs here and now."""
+    return LinearActFunction if transforms_active() else EagerLinearActFunction
+
+
+class LinearActBackward(torch.autograd.Function):
+    """The layer's backward ``(grad_out, x, weight, bias, kept) -> (dx, dw, db)`` as a Function
+    (setup_context form): its forward is the backend's fused backward; its backward is the double
+    backward and its jvp the forward-over-reverse product, both from ``func.linear_act_bwd_bwd``.
+    ``kept`` is a cache of act(z) or z (what the forward kept): no gradient flows into it, the
+    formulas differentiate through z = x Wᵀ + b themselves."""
+
     @staticmethod
-    def backward(ctx, grad_out):
-        x, weight, bias, kept = ctx.saved_tensors
-        dx, dw, db = linear_act_backward(grad_out, x, weight, bias, kept, ctx.activation,
-                                         _output_mask(ctx.needs_input_grad, bias), ctx.negative_slope, ctx.backend)
-        return dx, dw, db, None, None, None, None
+    def forward(grad_out, x, weight, bias, kept, activation: str, negative_slope: float, output_mask: tuple,
+                backend: Backend):
+        return backward_kernels(grad_out, x, weight, bias, kept, activation, output_mask, negative_slope, backend)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        grad_out, x, weight, bias, kept, activation, negative_slope, output_mask, backend = inputs
+        ctx.activation, ctx.negative_slope = activation, negative_slope
+        ctx.output_mask, ctx.backend = output_mask, backend
+        ctx.save_for_backward(grad_out, x, weight, bias, kept)
+        ctx.save_for_forward(grad_out, x, weight, bias, kept)
+
+    @staticmethod
+    def backward(ctx, ggx, ggw, ggb):
+        grad_out, x, weight, bias, kept = ctx.saved_tensors
+        grads = linear_act_bwd_bwd(grad_out, x, weight, bias, kept, ggx, ggw, ggb, ctx.activation, ctx.negative_slope,
+                                   ctx.needs_input_grad[:4], fused=func.fused_for(ctx.backend))
+        return (*grads, None, None, None, None, None)
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        mask, fused = ctx.output_mask, func.fused_for(ctx.backend)
+        with jvp_rule_tensors(*ctx.saved_tensors, *tangents[:4]) as tensors:
+            grad_out, x, weight, bias, kept, grad_out_t, x_t, weight_t, bias_t = tensors
+            # (dx, dW, db) is linear in grad_out: its tangent there is the backward of grad_out_t.
+            # In (x, W, b) the Jacobian is the Hessian of <grad_out, y>, symmetric: the double
+            # backward's product with the tangents.
+            _, *tangents = linear_act_bwd_bwd(grad_out, x, weight, bias, kept, x_t, weight_t, bias_t, ctx.activation,
+                                              ctx.negative_slope, (False, *mask), fused=fused)
+            if grad_out_t is not None:
+                linear = backward_function().apply(grad_out_t, x, weight, bias, kept, ctx.activation,
+                                                   ctx.negative_slope, mask, ctx.backend)
+                tangents = [func.add_maybe(t, u) for t, u in zip(tangents, linear)]
+            return tuple(None if not wanted else t if t is not None else torch.zeros_like(like)
+                         for t, wanted, like in zip(tangents, mask, (x, weight, bias)))
+
+    @staticmethod
+    def vmap(info, in_dims, grad_out, x, weight, bias, kept, activation, negative_slope, output_mask, backend):
+        def apply(grad_out, x, weight, bias, kept, mask):
+            return backward_function().apply(grad_out, x, weight, bias, kept, activation, negative_slope, mask, backend)
+
+        return func.backward_vmap(apply, info.batch_size, in_dims, grad_out, x, weight, bias, kept, activation,
+                                  negative_slope, output_mask)
+
+
+def eager_form(cls, doc: str):
+    """``cls`` (a setup_context-form Function) in the combined (ctx) form: the same forward,
+    saving and backward, no jvp or vmap; for calls outside transforms (see the module doc)."""
+
+    def forward(ctx, *args):
+        output = cls.forward(*args)
+        cls.setup_context(ctx, args, output)
+        return output
+
+    return type(f"Eager{cls.__name__}", (torch.autograd.Function,),
+                {"forward": staticmethod(forward), "backward": staticmethod(cls.backward), "__doc__": doc,
+                 "__module__": cls.__module__})
+
+
+EagerLinearActBackward = eager_form(LinearActBackward, "``LinearActBackward`` in the combined (ctx) form.")
+
+
+def backward_function():
+    """The form of the backward's Function that runs here and now."""
+    return LinearActBackward if transforms_active() else EagerLinearActBackward
 
 
 def register_op_autograd(op_name: str, backend_name: Optional[str]) -> None:

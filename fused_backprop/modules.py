@@ -16,7 +16,7 @@ from torch import nn
 from . import backends
 from ._checks import check_activation, check_linear_args, check_negative_slope, check_recompute
 from .activations import DEFAULT_NEGATIVE_SLOPE, gelu_activation
-from .block import BlockFunction, LayerSpec
+from .block import LayerSpec, apply_block
 from .functional import autocast_args, linear_act
 
 
@@ -199,7 +199,7 @@ class FusedMLP(nn.Module):
         specs = tuple(LayerSpec(getattr(lay, "activation", None), getattr(lay, "negative_slope", None),
                                 lay.bias is not None) for lay in self.layers)
         if x.dim() == 2:
-            return BlockFunction.apply(x, specs, impl, *params)
+            return apply_block(x, specs, impl, *params)
         flat = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
-        out = BlockFunction.apply(flat, specs, impl, *params)
+        out = apply_block(flat, specs, impl, *params)
         return out.reshape(*x.shape[:-1], out.shape[-1])
