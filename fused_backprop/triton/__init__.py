@@ -1,9 +1,11 @@
-"""Triton kernels for the fused Linear+ReLU / Linear+Sigmoid layers.
+"""Triton kernels for the fused Linear+activation layers (every activation of
+``fused_backprop.activations``).
 
 * ``kernels``: the ``@triton.jit`` kernels (forward GEMM with a bias+activation epilogue; backward
   GEMMs that form dZ = dY * act'(.) in their operand loads and reduce db alongside dW).
 * ``ops``: launch wrappers and the registered ops ``torch.ops.fused_backprop.triton_linear_act_fwd``
-  / ``triton_linear_act_bwd`` (custom ops with fake kernels and autograd); ``set_allow_tf32``.
+  / ``triton_linear_act_fwd_preact`` / ``triton_linear_act_bwd`` (custom ops with fake kernels and
+  autograd); ``set_allow_tf32``.
 * ``backend``: registers ``backend="triton"`` with ``fused_backprop.backends``.
 
 Users reach it through ``fused_backprop.linear_act(..., backend="triton")`` or the modules. The

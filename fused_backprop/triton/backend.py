@@ -1,5 +1,6 @@
 """The ``triton`` backend: the Triton kernels behind the registered ops
-``torch.ops.fused_backprop.triton_linear_act_fwd`` / ``triton_linear_act_bwd``.
+``torch.ops.fused_backprop.triton_linear_act_fwd`` / ``triton_linear_act_fwd_preact`` /
+``triton_linear_act_bwd``.
 
 Runs on CUDA tensors, and on CPU tensors only under the Triton interpreter (``TRITON_INTERPRET=1``
 set before triton is imported). Importing this module raises ImportError when triton is missing,
@@ -28,8 +29,9 @@ def supports(device) -> bool:
     return device.type == "cpu" and _kernels.INTERPRET
 
 
-# backward reads relu's packed 1-bit sign mask (what recompute=True keeps for relu) directly.
-# On the CPU the interpreter is for tests only: auto never picks it there.
+# backward reads the packed 1-bit sign mask (what recompute=True keeps for relu and leaky relu)
+# directly. On the CPU the interpreter is for tests only: auto never picks it there.
 register_ops("triton", torch.ops.fused_backprop.triton_linear_act_fwd.default,
+             torch.ops.fused_backprop.triton_linear_act_fwd_preact.default,
              torch.ops.fused_backprop.triton_linear_act_bwd.default, supports=supports, auto_priority=1,
              auto_devices=("cuda",), accepts_sign_mask=True)

@@ -4,13 +4,13 @@ Shapes: x ``(M, K)``, W ``(N, K)``, b ``(N,)``, y / dY / dZ ``(M, N)``.
 
 * ``_linear_act_forward_kernel``: tiled GEMM over output tiles ``(BLOCK_M, BLOCK_N)``; the bias add
   and the activation run in the epilogue on the fp32 (fp64 for fp64 inputs) accumulator while it is
-  still in registers, and the tile is stored once.
+  still in registers, and the tile is stored once (and z beside it, with ``STORE_PREACT``).
 * ``_linear_act_backward_dz_kernel`` (``recompute=True`` only): the same GEMM recomputes the
   pre-activation ``z = x W^T + b`` tile by tile and its epilogue forms ``dZ = dY * act'(z)``, stored
   once; the two backward GEMMs then read dZ instead of (dY, y).
 * ``_linear_act_backward_dx_kernel``: ``dX = dZ W`` over output tiles ``(BLOCK_M, BLOCK_K)``,
-  reducing over N. Without recompute, dZ is formed inside the operand load from the dY and y tiles
-  (``dY * act'(y)``) and never written to memory.
+  reducing over N. Without recompute, dZ is formed inside the operand load from the dY and y (or z,
+  or sign mask) tiles (``dY * act'(.)``) and never written to memory.
 * ``_linear_act_backward_dw_kernel``: ``dW = dZ^T x`` over output tiles ``(BLOCK_N, BLOCK_K)``,
   reducing over M; dZ is formed in the operand load the same way, and the same loop reduces
   ``db = sum_m dZ`` from the dZ tiles already in registers (only the ``pid_k == 0`` column of
@@ -25,7 +25,14 @@ Shapes: x ``(M, K)``, W ``(N, K)``, b ``(N,)``, y / dY / dZ ``(M, N)``.
 All offsets that are multiplied by a stride are int64, every load and store is masked at the
 edges, and every stride is passed and used (non-contiguous inputs run without copies).
 
-The activation and its derivative are defined once, in ``_activation`` / ``_activation_grad``.
+The activations (every name of ``fused_backprop.activations.NAMES``) and their derivatives are
+defined once, in ``_activation`` / ``_activation_grad``, with the formulas and order of operations
+of ``csrc/activation.h``. ``negative_slope`` (leaky relu's parameter, ignored by the others) is a
+runtime fp64 argument of every kernel, converted once to the accumulation dtype. With
+``STORE_PREACT`` the forward epilogue also stores z (``forward_preact``). Backward takes act' from
+one source (constexpr MODE): z recomputed from x, W, b (MODE_RECOMPUTE), the layer output y
+(MODE_OUTPUT), the pre-activation z (MODE_PREACT: gelu, gelu_tanh, silu, leaky relu with a negative
+slope) or the packed 1-bit sign mask (MODE_SIGN_MASK: relu, leaky relu).
 """
 
 from __future__ import annotations
@@ -33,10 +40,19 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-# Activation codes (constexpr ACT).
-RELU = 0
-SIGMOID = 1
-ACTIVATION_CODES = {"relu": RELU, "sigmoid": SIGMOID}
+from ..activations import ACTIVATIONS as _SPECS
+from ..activations import NAMES
+
+# Activation codes (constexpr ACT): the activation's index in the registry, so that
+# fused_backprop.activations stays the one list. The formulas below name each code; a registry
+# name they do not handle fails to import here (KeyError) or to compile (the static_asserts).
+ACTIVATION_CODES = {name: code for code, name in enumerate(NAMES)}
+RELU, SIGMOID, TANH, LEAKY_RELU, GELU, GELU_TANH, SILU = (
+    tl.constexpr(ACTIVATION_CODES[name])
+    for name in ("relu", "sigmoid", "tanh", "leaky_relu", "gelu", "gelu_tanh", "silu"))
+
+# Where backward takes act' from (constexpr MODE): see the module docstring.
+MODE_RECOMPUTE, MODE_OUTPUT, MODE_SIGN_MASK, MODE_PREACT = (tl.constexpr(m) for m in range(4))
 
 # Whether triton.jit builds interpreted functions (TRITON_INTERPRET set before triton was imported):
 # decided once, here, when the kernels below are decorated.
@@ -89,10 +105,58 @@ FMA_TILES = [(64, 64, 32, 4, 3), (64, 64, 16, 4, 4), (128, 64, 16, 8, 3), (64, 1
 for _role in ROLES:
     TILES[(_role, "fma")] = FMA_TILES
 INTERPRETER_TILE = (32, 32, 32, 1, 1)
-# Configs that spill on sm_80 when act' comes from relu's packed sign mask (MODE 2, the bit spread
-# needs a few more registers); pruned for that mode. Found by the ptxas report of
-# tests/test_triton.py::test_aot_compile_sm80_sm90_no_spills.
-SIGN_MASK_SPILLS = {("dx", "fma", (64, 64, 16, 4, 4)), ("dw", "fma", (64, 64, 32, 4, 3))}
+# Register spills. Beyond the tile, what decides a launch's register use is its "variant"
+# (``spill_variant``): the activation, and where act' comes from or whether the forward stores z
+# too (gelu's erf and gelu_tanh's tanh in an epilogue over a whole accumulator tile, or the bit
+# spread of the sign mask, need more registers than relu's select). SPILLS[(role, family, tile)]
+# names the variants whose ptxas report for that config shows spill stores (on sm_80 or sm_90 for
+# "fma"); the autotuner's pruning drops the config for them. Found, and checked to be exact, by
+# tests/test_triton.py::test_aot_compile_sm80_sm90_no_spills with FUSED_BACKPROP_AOT_ALL=1, which
+# prints the table to paste here when it is out of date. The narrow kernel's tiles are
+# (BLOCK_M, num_warps, num_stages) on "hopper", the only place it runs on a GPU.
+SPILLS: dict[tuple, frozenset] = {
+    ('dw', 'ampere', (32, 64, 32, 2, 5)): frozenset(['gelu_tanh:preact']),
+    ('dw', 'ampere', (64, 64, 32, 2, 5)): frozenset(['gelu:preact', 'gelu_tanh:preact']),
+    ('dw', 'ampere', (64, 64, 64, 4, 3)): frozenset(['gelu:preact']),
+    ('dw', 'ampere', (64, 128, 32, 4, 4)): frozenset(['gelu:preact', 'gelu_tanh:preact']),
+    ('dw', 'ampere', (128, 64, 32, 4, 4)): frozenset(['gelu:preact', 'gelu_tanh:preact']),
+    ('dw', 'ampere', (128, 256, 32, 8, 3)): frozenset(['gelu:preact', 'gelu_tanh:preact', 'silu:preact']),
+    ('dw', 'fma', (64, 64, 32, 4, 3)):
+        frozenset(['dz', 'leaky_relu:mask', 'leaky_relu:mask-bits', 'relu:mask', 'relu:mask-bits']),
+    ('dw', 'fma', (64, 128, 16, 8, 3)): frozenset(['dz']),
+    ('dw', 'fma', (128, 64, 16, 8, 3)): frozenset(['dz', 'relu:output', 'tanh:output']),
+    ('dw', 'hopper', (64, 64, 128, 4, 3)):
+        frozenset(['gelu:preact', 'gelu_tanh:preact', 'leaky_relu:mask-bits', 'relu:mask-bits']),
+    ('dw', 'hopper', (64, 128, 64, 4, 4)): frozenset(['gelu_tanh:preact']),
+    ('dw', 'hopper', (128, 64, 64, 4, 4)):
+        frozenset(['gelu:preact', 'gelu_tanh:preact', 'leaky_relu:mask-bits', 'relu:mask-bits']),
+    ('dw', 'hopper', (128, 128, 32, 4, 4)): frozenset(['gelu:preact', 'leaky_relu:mask-bits', 'relu:mask-bits']),
+    ('dw', 'hopper', (128, 128, 64, 8, 3)): frozenset(['gelu_tanh:preact']),
+    ('dw', 'hopper', (128, 256, 64, 8, 3)): frozenset(['gelu:preact', 'leaky_relu:mask-bits', 'relu:mask-bits']),
+    ('dx', 'ampere', (64, 64, 32, 2, 5)): frozenset(['gelu_tanh:preact', 'leaky_relu:output', 'leaky_relu:preact']),
+    ('dx', 'ampere', (128, 128, 32, 4, 4)):
+        frozenset(['gelu:preact', 'gelu_tanh:preact', 'leaky_relu:mask-bits', 'relu:mask-bits']),
+    ('dx', 'ampere', (128, 128, 64, 8, 3)): frozenset(['gelu:preact', 'gelu_tanh:preact']),
+    ('dx', 'ampere', (128, 256, 32, 8, 3)): frozenset(['gelu:preact', 'gelu_tanh:preact']),
+    ('dx', 'fma', (64, 32, 32, 4, 3)): frozenset(['gelu_tanh:preact']),
+    ('dx', 'fma', (64, 64, 16, 4, 4)): frozenset(['gelu_tanh:preact', 'leaky_relu:mask', 'relu:mask']),
+    ('dx', 'hopper', (128, 64, 64, 4, 4)): frozenset(['relu:mask-bits']),
+    ('dx', 'hopper', (128, 128, 32, 4, 4)): frozenset(['gelu_tanh:preact']),
+    ('dz', 'fma', (64, 64, 32, 4, 3)): frozenset(['gelu']),
+    ('dz', 'hopper', (128, 64, 64, 4, 4)): frozenset(['gelu']),
+    ('fwd', 'ampere', (128, 128, 32, 4, 4)):
+        frozenset(['gelu', 'gelu+z', 'gelu_tanh', 'gelu_tanh+z', 'leaky_relu+z', 'silu+z']),
+    ('fwd', 'ampere', (256, 128, 64, 8, 3)):
+        frozenset(['gelu', 'gelu+z', 'gelu_tanh', 'gelu_tanh+z', 'leaky_relu+z', 'silu+z']),
+    ('fwd', 'fma', (64, 64, 32, 4, 3)): frozenset(['gelu']),
+    ('fwd', 'hopper', (128, 128, 64, 4, 4)):
+        frozenset(['gelu', 'gelu+z', 'gelu_tanh', 'gelu_tanh+z', 'leaky_relu+z', 'silu+z']),
+    ('fwd', 'hopper', (128, 256, 64, 8, 3)):
+        frozenset(['gelu', 'gelu+z', 'gelu_tanh', 'gelu_tanh+z', 'leaky_relu+z', 'silu', 'silu+z']),
+    ('narrow', 'hopper', (64, 4, 3)):
+        frozenset(['gelu:preact', 'gelu_tanh:preact', 'gelu_tanh:recompute', 'silu:preact']),
+    ('narrow', 'hopper', (128, 8, 3)): frozenset(['gelu:preact', 'gelu_tanh:preact', 'silu:preact']),
+}
 
 # Largest reduction step of a dW config: the dW split is a multiple of it, so every config tiles a split.
 MAX_BLOCK_M = 256
@@ -115,8 +179,62 @@ def _make_configs(role: str) -> list:
 
 
 def config_tile(role: str, c) -> tuple:
-    """(a, b, red, num_warps, num_stages) of a config of the kernel with this role."""
-    return (*(c.kwargs[n] for n in ROLES[role]), c.num_warps, c.num_stages)
+    """(a, b, red, num_warps, num_stages) of a config of the kernel with this role
+    ((BLOCK_M, num_warps, num_stages) for "narrow")."""
+    names = ("BLOCK_M",) if role == "narrow" else ROLES[role]
+    return (*(c.kwargs[n] for n in names), c.num_warps, c.num_stages)
+
+
+_SOURCES = ("recompute", "output", "mask", "preact")  # the MODEs by value, as spill_variant names them
+
+
+def spill_variant(role: str, constexprs: dict) -> str:
+    """The variant of a launch of the kernel with this role (see SPILLS), from its constexprs:
+    "gelu" / "gelu+z" (forward storing z) for "fwd", the activation for "dz", "<act>:<source of act'>"
+    for "dx", "dw" and "narrow" ("<act>:mask-bits" for a sign mask read bit by bit: not BYTE_ROWS),
+    "dz" for dX / dW reading a dZ the dz kernel formed."""
+    name = NAMES[constexprs["ACT"]]
+    if role == "fwd":
+        return name + "+z" if constexprs.get("STORE_PREACT") else name
+    if role == "dz":
+        return name
+    mode = constexprs["MODE"]
+    if mode == MODE_RECOMPUTE.value and role != "narrow":
+        return "dz"
+    if mode == MODE_SIGN_MASK.value and not constexprs.get("BYTE_ROWS", True):
+        return f"{name}:mask-bits"
+    return f"{name}:{_SOURCES[mode]}"
+
+
+def launch_variants(role: str) -> list[dict]:
+    """The constexprs (ACT and MODE / STORE_PREACT) of every variant the backend launches the
+    kernel with: what SPILLS covers. act' comes from y where the registry has a derivative from
+    the output, from z where some slope keeps z (leaky relu's negative ones), from the sign mask
+    where the sign decides, and from z recomputed."""
+    out = []
+    for name, code in ACTIVATION_CODES.items():
+        spec = _SPECS[name]
+        keeps_z = spec.grad_from_output is None or not spec.output_decides(-1.0)
+        if role == "fwd":
+            out += [dict(ACT=code, STORE_PREACT=False)] + ([dict(ACT=code, STORE_PREACT=True)] if keeps_z else [])
+            continue
+        if role == "dz":
+            out.append(dict(ACT=code))
+            continue
+        modes = [MODE_RECOMPUTE] if role == "narrow" else []
+        modes += [MODE_OUTPUT] if spec.grad_from_output is not None else []
+        modes += [MODE_SIGN_MASK] if spec.sign_decides else []
+        modes += [MODE_PREACT] if keeps_z else []
+        out += [dict(ACT=code, MODE=m.value) for m in modes]
+        if spec.sign_decides:
+            out.append(dict(ACT=code, MODE=MODE_SIGN_MASK.value, BYTE_ROWS=False))
+    if role in ("dx", "dw"):
+        out.insert(0, dict(ACT=0, MODE=MODE_RECOMPUTE.value))
+    return out
+
+
+def spill_free(role: str, family: str, tile: tuple, variant: str) -> bool:
+    return variant not in SPILLS.get((role, family, tile), ())
 
 
 def _next_pow2(n: int) -> int:
@@ -132,9 +250,9 @@ def smem_estimate(role: str, a: int, b: int, red: int, stages: int, itemsize: in
 
 def _prune(role: str):
     """early_config_prune: the configs of this GPU generation ("fma" ones for fp32-ieee and fp64)
-    that fit its shared memory, whose output tiles do not overshoot the problem (a 256-wide tile on
-    a 64-wide dimension only adds masked work) and whose reduction step does not exceed the
-    reduction length."""
+    that do not spill for this launch's variant (SPILLS), fit its shared memory, whose output tiles
+    do not overshoot the problem (a 256-wide tile on a 64-wide dimension only adds masked work) and
+    whose reduction step does not exceed the reduction length."""
     names = ROLES[role]
     dims = {"fwd": ("M", "N", "K"), "dz": ("M", "N", "K"), "dx": ("M", "K", "N"), "dw": ("N", "K", None)}[role]
 
@@ -150,8 +268,8 @@ def _prune(role: str):
         if kwargs.get("INPUT_PRECISION", "ieee") == "ieee" and itemsize >= 4:
             family = "fma"
         mine = [c for c in configs if _FAMILY.get(id(c)) == family] or list(configs)
-        if kwargs.get("MODE") == 2:
-            mine = [c for c in mine if (role, family, config_tile(role, c)) not in SIGN_MASK_SPILLS] or mine
+        variant = spill_variant(role, dict(kwargs, BYTE_ROWS=_byte_rows(named_args)))
+        mine = [c for c in mine if spill_free(role, family, config_tile(role, c), variant)] or mine
         size = lambda c: smem_estimate(role, *(c.kwargs[n] for n in names), c.num_stages, itemsize)  # noqa: E731
         fits = [c for c in mine if size(c) <= smem] or [min(mine, key=size)]
         caps = [None if d is None else max(16, _next_pow2(named_args[d])) for d in dims]
@@ -169,60 +287,183 @@ def _autotune(role: str):
 
 
 # --------------------------------------------------------------------------------------------
-# The activation and its derivative: the one definition every kernel uses.
+# The activations and their derivatives: the one definition every kernel uses. Each formula is
+# that of csrc/activation.h (torch's own, ATen's Activation.cpp / GeluKernel.cpp), in the same
+# order of operations, on the accumulator dtype (fp32, fp64 for fp64 inputs). The named constants
+# stand on the right of their products (c * v is written v * c: the same IEEE result), because
+# under the interpreter a tl.constexpr on the left wraps the tensor instead of multiplying it.
 # --------------------------------------------------------------------------------------------
 
+_SQRT_HALF = tl.constexpr(0.70710678118654752440)      # M_SQRT1_2
+_INV_SQRT_2PI = tl.constexpr(0.39894228040143267794)   # M_2_SQRTPI * M_SQRT1_2 * 0.5
+_BETA = tl.constexpr(0.79788456080286535588)           # M_SQRT2 * M_2_SQRTPI * 0.5
+_KAPPA = tl.constexpr(0.044715)
+_KAPPA3 = tl.constexpr(3 * 0.044715)
+# Below this |z|, tanh is the Taylor polynomial (see _tanh).
+_TANH_POLY_MAX = tl.constexpr(0.25)
+
+
 @triton.jit
-def _activation(z, ACT: tl.constexpr):
-    """relu(z) (NaN propagates, as torch.relu) or sigmoid(z) = 1 / (1 + e^-z), which is exact at
-    both ends (e^-z overflows to inf for z << 0 giving 0, underflows to 0 for z >> 0 giving 1)."""
-    if ACT == 0:
-        return tl.maximum(z, 0.0, propagate_nan=tl.PropagateNan.ALL)
+def _slope(negative_slope, like):
+    """Leaky relu's slope (an fp64 kernel argument; a Python float under the interpreter) in the
+    dtype of ``like``: one rounding of the double, as torch's ``negval`` for fp32 math."""
+    return tl.full((), negative_slope, like.dtype)
+
+
+@triton.jit
+def _sigmoid(z):
+    """1 / (1 + e^-z), exact at both ends: e^-z overflows to inf for z << 0 giving 0, underflows to 0
+    for z >> 0 giving 1; no inf/inf is ever formed."""
+    return 1.0 / (1.0 + tl.exp(0.0 - z))
+
+
+@triton.jit
+def _tanh_exp(z):
+    """sign(z) (1 - e) / (1 + e) with e = exp(-2|z|) in [0, 1]: no overflow, exactly +-1 at +-inf
+    (and wherever e is below half an ulp), NaN propagates; within a few ulp of tanh in absolute
+    terms everywhere, but not in relative terms for |z| << 1 (1 - e cancels). gelu_tanh uses it
+    as is (it needs 1 + tanh(u), and 1 - tanh(u)^2: absolute accuracy), which keeps its epilogue
+    small; tanh itself adds the polynomial of ``_tanh`` near 0."""
+    e = tl.exp(-2.0 * tl.abs(z))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(z < 0, -t, t)
+
+
+@triton.jit
+def _tanh(z):
+    """tanh(z) from tl.exp (libdevice's tanh does not run in the interpreter; one formula serves
+    both), within about 2 ulp of the correctly rounded value in fp32 and fp64.
+    |z| < 0.25: the odd Taylor polynomial z (1 + z^2 P(z^2)) up to z^19 (truncation below 1e-17
+    relative); z times (1 + ...) keeps the sign of -0. Otherwise ``_tanh_exp`` (NaN too: NaN < 0.25
+    is false)."""
+    z2 = z * z
+    p = -0.00023912911424355248
+    p = p * z2 + 0.000590027440945586
+    p = p * z2 - 0.0014558343870513183
+    p = p * z2 + 0.003592128036572481
+    p = p * z2 - 0.008863235529902197
+    p = p * z2 + 0.021869488536155203
+    p = p * z2 - 0.05396825396825397
+    p = p * z2 + 0.13333333333333333
+    p = p * z2 - 0.3333333333333333
+    return tl.where(tl.abs(z) < _TANH_POLY_MAX, z * (1.0 + z2 * p), _tanh_exp(z))
+
+
+@triton.jit
+def _activation(z, negative_slope, ACT: tl.constexpr):
+    """act(z). relu: z < 0 ? 0 : z, so NaN and -0 pass through as in torch.relu (tl.maximum would
+    drop NaN); leaky relu: z > 0 ? z : a z; gelu: z/2 (1 + erf(z / sqrt 2)); gelu_tanh:
+    z/2 (1 + tanh(beta (z + kappa z^3))); silu: z / (1 + e^-z).
+
+    Where torch's CPU result at an infinity is an artefact of its vectorised math rather than the
+    limit, this gives the value of the formula, which is torch's float64 (and scalar) result: gelu
+    at +inf is +inf (torch's fp32 CPU kernel, whose vectorised erf gives NaN there, returns NaN; its
+    fp64 one returns inf). At -inf gelu, gelu_tanh and silu are NaN (-inf * 0, -inf / inf), as in
+    torch at every dtype."""
+    if ACT == RELU:
+        return tl.where(z < 0, 0.0, z)
+    elif ACT == SIGMOID:
+        return _sigmoid(z)
+    elif ACT == TANH:
+        return _tanh(z)
+    elif ACT == LEAKY_RELU:
+        return tl.where(z > 0, z, z * _slope(negative_slope, z))
+    elif ACT == GELU:
+        return z * 0.5 * (1.0 + tl.math.erf(z * _SQRT_HALF))
+    elif ACT == GELU_TANH:
+        return 0.5 * z * (1.0 + _tanh_exp((z + (z * z * z) * _KAPPA) * _BETA))
+    elif ACT == SILU:
+        return z / (1.0 + tl.exp(0.0 - z))
     else:
-        return 1.0 / (1.0 + tl.exp(-z))
+        tl.static_assert(False, "_activation: unknown activation code")
 
 
 @triton.jit
-def _activation_grad(v, FROM_OUTPUT: tl.constexpr, ACT: tl.constexpr):
-    """act'(z) from the layer output y (FROM_OUTPUT) or from the pre-activation z.
+def _activation_grad(v, negative_slope, FROM_OUTPUT: tl.constexpr, ACT: tl.constexpr):
+    """act'(z) from the layer output y (FROM_OUTPUT: relu, sigmoid, tanh, leaky relu with a >= 0)
+    or from the pre-activation z.
     relu: 0 where v <= 0, else 1, so relu'(0) = 0 and a NaN lets the gradient through as torch's
-    threshold_backward does (y <= 0 exactly where z <= 0); sigmoid: y (1 - y)."""
-    if ACT == 0:
+    threshold_backward does (y <= 0 exactly where z <= 0); leaky relu: 1 where v > 0, else a (at 0
+    and NaN too, as leaky_relu_backward; for a >= 0, y > 0 exactly where z > 0); sigmoid: s (1 - s);
+    tanh: 1 - t^2; gelu: Phi(z) + z phi(z); gelu_tanh: (1 + t)/2 + z/2 (1 - t^2) u';
+    silu: s (1 + z (1 - s))."""
+    if ACT == RELU:
         return tl.where(v <= 0, 0.0, 1.0).to(v.dtype)
-    else:
+    elif ACT == SIGMOID:
         if FROM_OUTPUT:
             s = v
         else:
-            s = _activation(v, ACT)
+            s = _sigmoid(v)
         return s * (1.0 - s)
+    elif ACT == TANH:
+        if FROM_OUTPUT:
+            t = v
+        else:
+            t = _tanh(v)
+        return 1.0 - t * t
+    elif ACT == LEAKY_RELU:
+        return tl.where(v > 0, 1.0, _slope(negative_slope, v))
+    else:
+        tl.static_assert(not FROM_OUTPUT, "_activation_grad: this activation's derivative needs the pre-activation")
+        if ACT == GELU:
+            cdf = 0.5 * (1.0 + tl.math.erf(v * _SQRT_HALF))
+            pdf = tl.exp(v * v * -0.5) * _INV_SQRT_2PI
+            return cdf + v * pdf
+        elif ACT == GELU_TANH:
+            z_sq = v * v
+            t = _tanh_exp((v + (z_sq * v) * _KAPPA) * _BETA)
+            left = 0.5 * v
+            right = 1.0 + t
+            du = (1.0 + z_sq * _KAPPA3) * _BETA
+            return 0.5 * right + left * (1.0 - t * t) * du
+        elif ACT == SILU:
+            s = _sigmoid(v)
+            return s * (1.0 + v * (1.0 - s))
+        else:
+            tl.static_assert(False, "_activation_grad: unknown activation code")
 
 
 @triton.jit
-def _grad_preact(dy, v, MODE: tl.constexpr, ACT: tl.constexpr):
-    """dZ from the loaded tiles (already in the accumulation dtype). MODE 0: v is unused, dy is dZ
-    (recompute path, formed earlier by the dz kernel); MODE 1: v is the layer output y; MODE 2: v
-    is relu's sign bit (0/1, from ``_load_v``), which relu' maps to itself."""
-    if MODE == 0:
+def _grad_preact(dy, v, negative_slope, MODE: tl.constexpr, ACT: tl.constexpr):
+    """dZ from the loaded tiles (already in the accumulation dtype). MODE_RECOMPUTE: v is unused, dy
+    is dZ (formed earlier by the dz kernel); MODE_OUTPUT / MODE_PREACT: dY * act'(v) with v the
+    layer output y / the pre-activation z; MODE_SIGN_MASK: v is the sign bit (0/1, from ``_load_v``):
+    dZ = dY where it is set, else 0 (relu, also for a NaN dY, as threshold_backward) or a dY (leaky
+    relu)."""
+    if MODE == MODE_RECOMPUTE:
         return dy
+    elif MODE == MODE_SIGN_MASK:
+        if ACT == RELU:
+            return tl.where(v != 0, dy, 0.0)
+        elif ACT == LEAKY_RELU:
+            return tl.where(v != 0, dy, dy * _slope(negative_slope, dy))
+        else:
+            tl.static_assert(False, "_grad_preact: a sign mask serves relu and leaky relu only")
     else:
-        return dy * _activation_grad(v, True, ACT)
+        return dy * _activation_grad(v, negative_slope, MODE == MODE_OUTPUT, ACT)
 
 
 @triton.jit
 def _load_v(v_ptr, offs_m, mask_m, n0, offs_n, stride_vm, stride_vn, N, mask, MODE: tl.constexpr,
-            ACC_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+            BYTE_ROWS: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The [BLOCK_M, BLOCK_N] tile at rows offs_m, columns n0 + [0, BLOCK_N) that act' is taken
-    from: the layer output y (MODE 1), or (MODE 2) relu's packed 1-bit sign mask of the contiguous
-    (M, N) output (``fused_backprop.sign_mask``: bit e % 8 of byte e // 8 is element e = m * N + n),
-    read directly instead of an unpacked copy. MODE 2 needs N % 8 == 0 (every row starts on a byte,
-    checked by the launcher): the tile is then a contiguous [BLOCK_M, BLOCK_N / 8] byte load whose
-    bits are spread by a broadcast shift (no per-element gather)."""
-    if MODE == 2:
-        cols = n0 // 8 + tl.arange(0, BLOCK_N // 8)
-        byte = tl.load(v_ptr + ((offs_m * N) >> 3)[:, None] + cols[None, :],
-                       mask=mask_m[:, None] & (cols < N // 8)[None, :], other=0)
-        bits = (byte[:, :, None] >> tl.arange(0, 8).to(tl.uint8)[None, None, :]) & 1
-        return tl.reshape(bits, (BLOCK_M, BLOCK_N)).to(ACC_DTYPE)
+    from: y or z (MODE_OUTPUT / MODE_PREACT), or (MODE_SIGN_MASK) the packed 1-bit sign mask of the
+    contiguous (M, N) output (``fused_backprop.sign_mask``: bit e % 8 of byte e // 8 is element
+    e = m * N + n), read directly instead of an unpacked copy, as 0/1. With BYTE_ROWS (N % 8 == 0:
+    every row starts on a byte) the tile is a contiguous [BLOCK_M, BLOCK_N / 8] byte load whose bits
+    are spread by a broadcast shift (no per-element gather); otherwise each element reads its
+    byte and shifts out its bit."""
+    if MODE == MODE_SIGN_MASK:
+        if BYTE_ROWS:
+            cols = n0 // 8 + tl.arange(0, BLOCK_N // 8)
+            byte = tl.load(v_ptr + ((offs_m * N) >> 3)[:, None] + cols[None, :],
+                           mask=mask_m[:, None] & (cols < N // 8)[None, :], other=0)
+            bits = (byte[:, :, None] >> tl.arange(0, 8).to(tl.uint8)[None, None, :]) & 1
+            return tl.reshape(bits, (BLOCK_M, BLOCK_N)).to(ACC_DTYPE)
+        else:
+            e = offs_m[:, None] * N + offs_n[None, :]
+            byte = tl.load(v_ptr + (e >> 3), mask=mask, other=0)
+            return ((byte >> (e & 7).to(tl.uint8)) & 1).to(ACC_DTYPE)
     else:
         return tl.load(v_ptr + offs_m[:, None] * stride_vm + offs_n[None, :] * stride_vn,
                        mask=mask, other=0.0).to(ACC_DTYPE)
@@ -293,6 +534,11 @@ def _preact_tile(x_ptr, w_ptr, b_ptr, M, N, K, stride_xm, stride_xk, stride_wn, 
 _EVEN_K = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
 
 
+def _byte_rows(a) -> bool:
+    """Whether a packed sign mask's rows start on whole bytes (N % 8 == 0): see ``_load_v``."""
+    return a["N"] % 8 == 0
+
+
 # --------------------------------------------------------------------------------------------
 # Forward.
 # --------------------------------------------------------------------------------------------
@@ -301,18 +547,23 @@ _EVEN_K = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
 @_EVEN_K
 @triton.jit
 def _linear_act_forward_kernel(
-    x_ptr, w_ptr, b_ptr, out_ptr,
+    x_ptr, w_ptr, b_ptr, out_ptr, preact_ptr,
     M, N, K,
-    stride_xm, stride_xk, stride_wn, stride_wk, stride_b, stride_om, stride_on,
-    ACT: tl.constexpr, HAS_BIAS: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP: tl.constexpr,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_b, stride_om, stride_on, stride_pm, stride_pn,
+    negative_slope: tl.float64,
+    ACT: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_PREACT: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):
     z, offs_m, offs_n, mask = _preact_tile(x_ptr, w_ptr, b_ptr, M, N, K, stride_xm, stride_xk, stride_wn,
                                            stride_wk, stride_b, HAS_BIAS, ACC_DTYPE, INPUT_PRECISION, EVEN_K,
                                            BLOCK_M, BLOCK_N, BLOCK_K, GROUP)
-    # Epilogue, on the accumulator in registers: activation, one store.
-    y = _activation(z, ACT)
+    # Epilogue, on the accumulator in registers: activation, one store (two with STORE_PREACT:
+    # z first, for the backward of the activations whose derivative needs it).
+    if STORE_PREACT:
+        tl.store(preact_ptr + offs_m[:, None] * stride_pm + offs_n[None, :] * stride_pn,
+                 z.to(preact_ptr.dtype.element_ty), mask=mask)
+    y = _activation(z, negative_slope, ACT)
     tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
              y.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -328,6 +579,7 @@ def _linear_act_backward_dz_kernel(
     x_ptr, w_ptr, b_ptr, dy_ptr, dz_ptr,
     M, N, K,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_b, stride_dym, stride_dyn, stride_dzm, stride_dzn,
+    negative_slope: tl.float64,
     ACT: tl.constexpr, HAS_BIAS: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP: tl.constexpr,
@@ -337,24 +589,25 @@ def _linear_act_backward_dz_kernel(
                                            stride_wk, stride_b, HAS_BIAS, ACC_DTYPE, INPUT_PRECISION, EVEN_K,
                                            BLOCK_M, BLOCK_N, BLOCK_K, GROUP)
     dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn, mask=mask, other=0.0)
-    dz = dy.to(ACC_DTYPE) * _activation_grad(z, False, ACT)
+    dz = dy.to(ACC_DTYPE) * _activation_grad(z, negative_slope, False, ACT)
     tl.store(dz_ptr + offs_m[:, None] * stride_dzm + offs_n[None, :] * stride_dzn,
              dz.to(dz_ptr.dtype.element_ty), mask=mask)
 
 
 @_autotune("dx")
-@triton.heuristics({"EVEN_N": lambda a: a["N"] % a["BLOCK_N"] == 0})
+@triton.heuristics({"EVEN_N": lambda a: a["N"] % a["BLOCK_N"] == 0, "BYTE_ROWS": _byte_rows})
 @triton.jit
 def _linear_act_backward_dx_kernel(
     dy_ptr, v_ptr, w_ptr, dx_ptr,
     M, N, K,
     stride_dym, stride_dyn, stride_vm, stride_vn, stride_wn, stride_wk, stride_dxm, stride_dxk,
+    negative_slope: tl.float64,
     ACT: tl.constexpr, MODE: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP: tl.constexpr,
+    EVEN_N: tl.constexpr, BYTE_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):
-    """dX[BLOCK_M, BLOCK_K] = sum_n dZ[:, n] W[n, :], dZ = dY * act'(y) formed in the operand load
-    from y (MODE 1) or relu's packed sign mask (MODE 2), or read as is (MODE 0: dy_ptr holds dZ)."""
+    """dX[BLOCK_M, BLOCK_K] = sum_n dZ[:, n] W[n, :], dZ = dY * act'(.) formed in the operand load
+    from y, z or the packed sign mask (MODE), or read as is (MODE_RECOMPUTE: dy_ptr holds dZ)."""
     pid_m, pid_k = _grouped_tile(tl.program_id(0), M, K, BLOCK_M, BLOCK_K, GROUP)
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = pid_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -373,32 +626,34 @@ def _linear_act_backward_dx_kernel(
             mask_mn = mask_m[:, None] & mask_n[None, :]
             mask_nk = mask_n[:, None] & mask_k[None, :]
         dy = tl.load(dy_rows + offs_n[None, :] * stride_dyn, mask=mask_mn, other=0.0).to(ACC_DTYPE)
-        if MODE == 0:
+        if MODE == MODE_RECOMPUTE:
             v = dy
         else:
-            v = _load_v(v_ptr, offs_m, mask_m, n0, offs_n, stride_vm, stride_vn, N, mask_mn, MODE, ACC_DTYPE,
-                        BLOCK_M, BLOCK_N)
+            v = _load_v(v_ptr, offs_m, mask_m, n0, offs_n, stride_vm, stride_vn, N, mask_mn, MODE, BYTE_ROWS,
+                        ACC_DTYPE, BLOCK_M, BLOCK_N)
         w = tl.load(w_cols + offs_n[:, None] * stride_wn, mask=mask_nk, other=0.0)
-        dz = _grad_preact(dy, v, MODE, ACT).to(w.dtype)
+        dz = _grad_preact(dy, v, negative_slope, MODE, ACT).to(w.dtype)
         acc = tl.dot(dz, w, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
     tl.store(dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk,
              acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_k[None, :])
 
 
 @_autotune("dw")
+@triton.heuristics({"BYTE_ROWS": _byte_rows})
 @triton.jit
 def _linear_act_backward_dw_kernel(
     dy_ptr, v_ptr, x_ptr, dw_ptr, db_ptr,
     M, N, K, rows_per_split,
     stride_dym, stride_dyn, stride_vm, stride_vn, stride_xm, stride_xk,
     stride_dws, stride_dwn, stride_dwk, stride_dbs, stride_db,
+    negative_slope: tl.float64,
     ACT: tl.constexpr, MODE: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, BYTE_ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):
     """dW[BLOCK_N, BLOCK_K] = sum_m dZ[m, :]^T x[m, :] and db[BLOCK_N] = sum_m dZ[m, :] over the
     rows [s * rows_per_split, (s + 1) * rows_per_split) of split s = program_id(1), dZ formed in the
-    operand load (MODE 1: from y, MODE 2: from relu's packed sign mask) or read as is (MODE 0).
+    operand load (from y, z or the packed sign mask, as MODE says) or read as is (MODE_RECOMPUTE).
     Split s stores to dw_ptr + s * stride_dws (a partial when there is more than one split, the
     result otherwise); db is stored by pid_k == 0."""
     if COMPUTE_DW:
@@ -422,12 +677,12 @@ def _linear_act_backward_dw_kernel(
         mask_m = offs_m < m_end
         mask_mn = mask_m[:, None] & mask_n[None, :]
         dy = tl.load(dy_cols + offs_m[:, None] * stride_dym, mask=mask_mn, other=0.0).to(ACC_DTYPE)
-        if MODE == 0:
+        if MODE == MODE_RECOMPUTE:
             v = dy
         else:
             v = _load_v(v_ptr, offs_m, mask_m, pid_n * BLOCK_N, offs_n, stride_vm, stride_vn, N, mask_mn, MODE,
-                        ACC_DTYPE, BLOCK_M, BLOCK_N)
-        dz = _grad_preact(dy, v, MODE, ACT)                      # [BLOCK_M, BLOCK_N]
+                        BYTE_ROWS, ACC_DTYPE, BLOCK_M, BLOCK_N)
+        dz = _grad_preact(dy, v, negative_slope, MODE, ACT)      # [BLOCK_M, BLOCK_N]
         if COMPUTE_DB:
             db_acc += tl.sum(dz, axis=0)
         if COMPUTE_DW:
@@ -442,9 +697,10 @@ def _linear_act_backward_dw_kernel(
 
 
 # Narrow layers (N and K at most NARROW_MAX): one backward kernel, one pass over the rows. On a GPU
-# only for 16-bit inputs on Hopper (sm_90+), where these configs compile with wgmma and no spills;
-# with mma.sync (sm_8x) and with the FMA path of fp32-ieee the five live tiles (dY, y or z, x, W, and
-# the dX / dW accumulators) spill, so those take the two-kernel path.
+# only for 16-bit inputs on Hopper (sm_90+), where these configs compile with wgmma and no spills
+# (for the variants that have a config in SPILLS' terms: ``narrow_spill_free``); with mma.sync
+# (sm_8x) and with the FMA path of fp32-ieee the five live tiles (dY, y or z, x, W, and the dX / dW
+# accumulators) spill, so those take the two-kernel path.
 NARROW_MAX = 64
 # (BLOCK_M, num_warps, num_stages); the full (padded) N and K are the other two tile extents.
 NARROW_TILES = [(64, 4, 3), (128, 8, 3)]
@@ -457,26 +713,40 @@ def _make_narrow_configs() -> list:
     return [triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=st) for bm, w, st in NARROW_TILES]
 
 
-@triton.autotune(configs=_make_narrow_configs(), key=["M", "N", "K"])
+def narrow_spill_free(act: int, mode: int, byte_rows: bool = True) -> bool:
+    """Whether some narrow config runs this variant without spills (else the two-kernel path)."""
+    variant = spill_variant("narrow", dict(ACT=act, MODE=mode, BYTE_ROWS=byte_rows))
+    return any(spill_free("narrow", "hopper", tile, variant) for tile in NARROW_TILES)
+
+
+def _prune_narrow(configs, named_args, **kwargs):
+    variant = spill_variant("narrow", dict(kwargs, BYTE_ROWS=_byte_rows(named_args)))
+    return [c for c in configs if spill_free("narrow", "hopper", config_tile("narrow", c), variant)] or configs
+
+
+@triton.autotune(configs=_make_narrow_configs(), key=["M", "N", "K"],
+                 prune_configs_by={"early_config_prune": _prune_narrow})
+@triton.heuristics({"BYTE_ROWS": _byte_rows})
 @triton.jit
 def _linear_act_backward_narrow_kernel(
     dy_ptr, v_ptr, x_ptr, w_ptr, b_ptr, dx_ptr, dw_ptr, db_ptr,
     M, N, K, rows_per_split,
     stride_dym, stride_dyn, stride_vm, stride_vn, stride_xm, stride_xk, stride_wn, stride_wk, stride_b,
     stride_dxm, stride_dxk, stride_dws, stride_dwn, stride_dwk, stride_dbs, stride_db,
-    ACT: tl.constexpr, RECOMPUTE: tl.constexpr, SIGN_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+    negative_slope: tl.float64,
+    ACT: tl.constexpr, MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
     COMPUTE_DX: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, BYTE_ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """The whole backward of a narrow layer (BLOCK_N >= N, BLOCK_K >= K: W and the dW partial stay
     on chip) in one pass over the rows [s * rows_per_split, (s + 1) * rows_per_split) of split
-    s = program_id(0): per row block, dZ is formed once, from (dY, y) or (dY, relu's packed sign mask:
-    SIGN_MASK), or from dY and z = x W^T + b
-    recomputed with the x tile already loaded for dW (RECOMPUTE); then dX = dZ W is stored, and dZ^T x
-    and the column sums of dZ accumulate into this split's dW and db (partials when there is more
-    than one split, reduced by _sum_splits_kernel). Reads dY, y (not with RECOMPUTE), x, W once;
-    writes dX once: the bare-GEMM traffic floor."""
+    s = program_id(0): per row block, dZ is formed once, from dY and y, z or the packed sign mask
+    (MODE), or from dY and z = x W^T + b recomputed with the x tile already loaded for dW
+    (MODE_RECOMPUTE); then dX = dZ W is stored, and dZ^T x and the column sums of dZ accumulate
+    into this split's dW and db (partials when there is more than one split, reduced by
+    _sum_splits_kernel). Reads dY, y or z (not with MODE_RECOMPUTE), x, W once; writes dX once:
+    the bare-GEMM traffic floor."""
     pid_s = tl.program_id(0)
     offs_n = tl.arange(0, BLOCK_N).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
@@ -484,7 +754,7 @@ def _linear_act_backward_narrow_kernel(
     mask_k = offs_k < K
     mask_nk = mask_n[:, None] & mask_k[None, :]
     w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk
-    if RECOMPUTE and HAS_BIAS:
+    if MODE == MODE_RECOMPUTE and HAS_BIAS:
         bias = tl.load(b_ptr + offs_n * stride_b, mask=mask_n, other=0.0).to(ACC_DTYPE)
     m_start = pid_s.to(tl.int64) * rows_per_split
     m_end = tl.minimum(m_start + rows_per_split, M)
@@ -500,21 +770,17 @@ def _linear_act_backward_narrow_kernel(
         # W is re-read per row block (from L2: it is tiny) so that it is pipelined through shared
         # memory with the other operands instead of pinning registers for the whole loop.
         w = tl.load(w_ptrs, mask=mask_nk, other=0.0)
-        if RECOMPUTE or COMPUTE_DW:
+        if MODE == MODE_RECOMPUTE or COMPUTE_DW:
             x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=mask_mk, other=0.0)
-        if RECOMPUTE:
+        if MODE == MODE_RECOMPUTE:
             z = tl.dot(x, tl.trans(w), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
             if HAS_BIAS:
                 z = z + bias[None, :]
-            dz = dy * _activation_grad(z, False, ACT)
+            dz = dy * _activation_grad(z, negative_slope, False, ACT)
         else:
-            if SIGN_MASK:
-                v = _load_v(v_ptr, offs_m, mask_m, 0, offs_n, stride_vm, stride_vn, N, mask_mn, 2, ACC_DTYPE,
-                            BLOCK_M, BLOCK_N)
-            else:
-                v = _load_v(v_ptr, offs_m, mask_m, 0, offs_n, stride_vm, stride_vn, N, mask_mn, 1, ACC_DTYPE,
-                            BLOCK_M, BLOCK_N)
-            dz = dy * _activation_grad(v, True, ACT)
+            v = _load_v(v_ptr, offs_m, mask_m, 0, offs_n, stride_vm, stride_vn, N, mask_mn, MODE, BYTE_ROWS,
+                        ACC_DTYPE, BLOCK_M, BLOCK_N)
+            dz = _grad_preact(dy, v, negative_slope, MODE, ACT)
         if COMPUTE_DB:
             db_acc += tl.sum(dz, axis=0)
         dz_op = dz.to(w.dtype)

@@ -1,18 +1,27 @@
 """Launch wrappers for the Triton kernels and their registration as PyTorch ops.
 
-``torch.ops.fused_backprop.triton_linear_act_fwd`` / ``triton_linear_act_bwd`` have the schemas of
-the compiled ``linear_act_fwd`` / ``linear_act_bwd`` ops:
+``torch.ops.fused_backprop.triton_linear_act_fwd`` / ``triton_linear_act_fwd_preact`` /
+``triton_linear_act_bwd`` have the schemas of the compiled ``linear_act_fwd`` /
+``linear_act_fwd_preact`` / ``linear_act_bwd`` ops:
 
-    triton_linear_act_fwd(Tensor x, Tensor weight, Tensor? bias, str activation) -> Tensor
+    triton_linear_act_fwd(Tensor x, Tensor weight, Tensor? bias, str activation,
+                          float negative_slope=0.01) -> Tensor
+    triton_linear_act_fwd_preact(Tensor x, Tensor weight, Tensor? bias, str activation,
+                                 float negative_slope=0.01) -> (Tensor, Tensor)
     triton_linear_act_bwd(Tensor grad_out, Tensor x, Tensor weight, Tensor? bias, Tensor? out,
-                          str activation, bool[] output_mask) -> (Tensor, Tensor, Tensor)
+                          str activation, bool[] output_mask, float negative_slope=0.01)
+                          -> (Tensor, Tensor, Tensor)
 
 They are ``torch.library.custom_op``s (opaque to tracing) with fake kernels, so ``opcheck`` and
 ``torch.compile(fullgraph=True)`` work; ``triton_op`` is not used because under the interpreter
 (``TRITON_INTERPRET=1``) opcheck and torch.compile fail with it. Outputs masked out in backward
-are empty 0-element tensors, as in the compiled op. ``out=None`` in backward means "recompute the
-pre-activation from x, weight, bias"; for relu, ``out`` may also be the packed 1-bit sign mask
-(uint8, ceil(M * N / 8) bytes, ``fused_backprop.sign_mask``), read by the kernels directly.
+are empty 0-element tensors, as in the compiled op. ``negative_slope`` is leaky relu's parameter
+(the other activations ignore it). ``triton_linear_act_fwd_preact`` also returns the pre-activation
+z = x W^T + b. Backward's ``out`` is what ``activations.saves_output`` says: the layer output y
+(relu, sigmoid, tanh, leaky relu with negative_slope >= 0) or z (gelu, gelu_tanh, silu, leaky relu
+with negative_slope < 0); None means "recompute z from x, weight, bias"; for relu and leaky relu
+(negative_slope >= 0) it may also be the packed 1-bit sign mask (uint8, ceil(M * N / 8) bytes,
+``fused_backprop.sign_mask``), read by the kernels directly.
 
 fp32 inputs use ``input_precision="ieee"`` (exact fp32 products, as torch with TF32 disabled);
 ``set_allow_tf32(True)`` (or ``FUSED_BACKPROP_TRITON_TF32=1``) opts in to TF32 tensor cores.
@@ -31,10 +40,11 @@ import triton.language as tl
 
 from .. import sign_mask
 from ..activations import ACTIVATIONS as _ACTIVATIONS
+from ..activations import DEFAULT_NEGATIVE_SLOPE, saves_output, uses_sign_mask
 from . import kernels as _k
 
 __all__ = ["linear_act_forward", "linear_act_backward", "set_allow_tf32", "allow_tf32",
-           "triton_linear_act_fwd", "triton_linear_act_bwd"]
+           "triton_linear_act_fwd", "triton_linear_act_fwd_preact", "triton_linear_act_bwd"]
 
 _ALLOW_TF32 = os.environ.get("FUSED_BACKPROP_TRITON_TF32", "0") == "1"
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -69,7 +79,7 @@ def _activation_code(activation: str) -> int:
         raise ValueError(f"activation must be one of {tuple(_k.ACTIVATION_CODES)}, got {activation!r}") from None
 
 
-def _check(x, weight, bias, activation, op: str, **others) -> None:
+def _check(x, weight, bias, activation, negative_slope, op: str, **others) -> None:
     """Argument checks of the public ops; each message names the tensor."""
     _activation_code(activation)
     if x.dim() != 2:
@@ -87,9 +97,10 @@ def _check(x, weight, bias, activation, op: str, **others) -> None:
             continue
         if name == "out" and _is_sign_mask(t):
             nbytes = (x.shape[0] * weight.shape[0] + 7) // 8
-            if activation != "relu":
-                raise ValueError(f"{op}: out may be a packed sign mask (uint8) only for activation 'relu', "
-                                 f"got {activation!r}")
+            if not uses_sign_mask(activation, negative_slope):
+                raise ValueError(f"{op}: out may be a packed sign mask (uint8) only for activation 'relu' or "
+                                 f"'leaky_relu' with negative_slope >= 0, got {activation!r} "
+                                 f"(negative_slope={negative_slope})")
             if t.device != x.device:
                 raise RuntimeError(f"{op}: out must be on the device of x ({x.device}), got {t.device}")
             if t.dim() != 1 or t.shape[0] != nbytes or t.stride(0) != 1:
@@ -117,16 +128,35 @@ def _v_strides(v):
 
 
 def _is_sign_mask(out) -> bool:
-    """relu's packed 1-bit sign mask (``fused_backprop.sign_mask``) passed as ``out``."""
+    """The packed 1-bit sign mask (``fused_backprop.sign_mask``) passed as ``out``."""
     return out is not None and out.dtype == torch.uint8
+
+
+def _mode(out, activation: str, negative_slope: float) -> int:
+    """Where backward takes act' from (the kernels' constexpr MODE), by what ``out`` holds."""
+    if out is None:
+        return _k.MODE_RECOMPUTE.value
+    if _is_sign_mask(out):
+        return _k.MODE_SIGN_MASK.value
+    return (_k.MODE_OUTPUT if saves_output(activation, negative_slope) else _k.MODE_PREACT).value
 
 
 def _device_guard(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
-def _torch_activation(z, activation):
-    return _ACTIVATIONS[activation].forward(z)
+def _torch_dz(grad_out, x, weight, bias, out, activation, negative_slope):
+    """dZ = dY * act'(.) from torch ops, with the kernels' semantics for every kind of ``out``
+    (the degenerate shapes, which run no kernel)."""
+    spec, a = _ACTIVATIONS[activation], negative_slope
+    if out is None:
+        return grad_out * spec.grad_from_preact(torch.nn.functional.linear(x, weight, bias), a)
+    if _is_sign_mask(out):
+        bit = sign_mask.unpack(out, grad_out.shape, torch.bool)
+        return torch.where(bit, grad_out, grad_out * a if activation == "leaky_relu" else 0)
+    if saves_output(activation, negative_slope):
+        return grad_out * spec.grad_from_output(out, a)
+    return grad_out * spec.grad_from_preact(out, a)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -134,27 +164,34 @@ def _torch_activation(z, activation):
 # ------------------------------------------------------------------------------------------------
 
 def linear_act_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                       activation: str) -> torch.Tensor:
-    """``act(x @ weight.T + bias)`` for a 2-D x, as one Triton kernel (no argument checks)."""
+                       activation: str, negative_slope: float = DEFAULT_NEGATIVE_SLOPE, *,
+                       return_preact: bool = False):
+    """``act(x @ weight.T + bias)`` for a 2-D x, as one Triton kernel (no argument checks);
+    with ``return_preact``, ``(out, z)``: the same kernel also stores z = x @ weight.T + bias."""
     M, K = x.shape
     N = weight.shape[0]
     out = torch.empty((M, N), device=x.device, dtype=x.dtype)
-    if M == 0 or N == 0:
-        return out
-    if K == 0:  # empty reduction: z = bias (or 0); nothing for a GEMM kernel to do
-        z = torch.zeros_like(out) if bias is None else bias.expand(M, N)
-        return out.copy_(_torch_activation(z, activation))
+    preact = torch.empty_like(out) if return_preact else None
+    if M == 0 or N == 0 or K == 0:
+        if M and N:  # empty reduction: z = bias (or 0); nothing for a GEMM kernel to do
+            z = torch.zeros_like(out) if bias is None else bias.expand(M, N)
+            out.copy_(_ACTIVATIONS[activation].forward(z, negative_slope))
+            if preact is not None:
+                preact.copy_(z)
+        return (out, preact) if return_preact else out
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    p = preact if preact is not None else out
     with _device_guard(x):
         _k._linear_act_forward_kernel[grid](
-            x, weight, bias if bias is not None else x, out,
+            x, weight, bias if bias is not None else x, out, p,
             M, N, K,
             x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
-            bias.stride(0) if bias is not None else 0, out.stride(0), out.stride(1),
-            ACT=_activation_code(activation), HAS_BIAS=bias is not None,
+            bias.stride(0) if bias is not None else 0, out.stride(0), out.stride(1), p.stride(0), p.stride(1),
+            float(negative_slope),
+            ACT=_activation_code(activation), HAS_BIAS=bias is not None, STORE_PREACT=preact is not None,
             ACC_DTYPE=_acc_dtype(x.dtype), INPUT_PRECISION=_input_precision(x.dtype),
         )
-    return out
+    return (out, preact) if return_preact else out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -184,12 +221,13 @@ def _num_splits(M: int, N: int, K: int, itemsize: int, device: torch.device, nee
 NARROW_MAX = _k.NARROW_MAX
 
 
-def _use_narrow(N: int, K: int, x: torch.Tensor) -> bool:
+def _use_narrow(N: int, K: int, x: torch.Tensor, act: int, mode: int) -> bool:
     if max(16, _k._next_pow2(N)) > NARROW_MAX or max(16, _k._next_pow2(K)) > NARROW_MAX:
         return False
     if x.device.type != "cuda":
         return True  # the interpreter
-    return x.dtype in (torch.float16, torch.bfloat16) and torch.cuda.get_device_capability(x.device)[0] >= 9
+    return (x.dtype in (torch.float16, torch.bfloat16) and torch.cuda.get_device_capability(x.device)[0] >= 9
+            and _k.narrow_spill_free(act, mode, N % 8 == 0))
 
 
 def _splits_narrow(M: int, N: int, K: int, itemsize: int, device: torch.device) -> int:
@@ -224,7 +262,7 @@ def _reduce_splits(partials, results) -> None:
         _k._sum_splits_kernel[(triton.cdiv(L, 1024),)](ws, res, L, ws.shape[0], ws.stride(0), BLOCK=1024)
 
 
-def _narrow_backward(grad_out, x, weight, bias, out, act, need_dx, need_dw, need_db, splits):
+def _narrow_backward(grad_out, x, weight, bias, out, act, mode, slope, need_dx, need_dw, need_db, splits):
     M, K = x.shape
     N = weight.shape[0]
     dev, dtype = x.device, x.dtype
@@ -235,9 +273,7 @@ def _narrow_backward(grad_out, x, weight, bias, out, act, need_dx, need_dw, need
     s = triton.cdiv(M, rows)
     dx = torch.empty((M, K), device=dev, dtype=dtype) if need_dx else None
     dw, db, dw_t, db_t = _split_outputs(s, N, K, need_dw, need_db, dtype, dev)
-    recompute = out is None
-    v = grad_out if recompute else out
-    mask_in = _is_sign_mask(out)
+    v = grad_out if out is None else out
     dx_arg = dx if dx is not None else x
     _k._linear_act_backward_narrow_kernel[(s,)](
         grad_out, v, x, weight, bias if bias is not None else x, dx_arg,
@@ -248,8 +284,8 @@ def _narrow_backward(grad_out, x, weight, bias, out, act, need_dx, need_dw, need
         dx_arg.stride(0), dx_arg.stride(1),
         dw_t.stride(0) if (need_dw and s > 1) else 0,
         dw_t.stride(-2) if need_dw else 0, dw_t.stride(-1) if need_dw else 0,
-        db_t.stride(0) if (need_db and s > 1) else 0, db_t.stride(-1) if need_db else 0,
-        ACT=act, RECOMPUTE=recompute, SIGN_MASK=mask_in, HAS_BIAS=bias is not None,
+        db_t.stride(0) if (need_db and s > 1) else 0, db_t.stride(-1) if need_db else 0, slope,
+        ACT=act, MODE=mode, HAS_BIAS=bias is not None,
         COMPUTE_DX=need_dx, COMPUTE_DW=need_dw, COMPUTE_DB=need_db,
         ACC_DTYPE=_acc_dtype(dtype), INPUT_PRECISION=_input_precision(dtype),
         BLOCK_N=max(16, _k._next_pow2(N)), BLOCK_K=max(16, _k._next_pow2(K)),
@@ -261,16 +297,19 @@ def _narrow_backward(grad_out, x, weight, bias, out, act, need_dx, need_dw, need
 
 def linear_act_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                         bias: Optional[torch.Tensor], out: Optional[torch.Tensor], activation: str,
-                        output_mask, *, splits: Optional[int] = None):
+                        output_mask, negative_slope: float = DEFAULT_NEGATIVE_SLOPE, *,
+                        splits: Optional[int] = None):
     """(dx, dw, db) of ``act(x @ weight.T + bias)``, None where output_mask is False or bias is None.
-    ``out=None`` recomputes the pre-activation. ``splits`` overrides the dW/db split heuristic
-    (tests use it to exercise the two-stage reduction on the CPU)."""
+    ``out`` is y, z or the packed sign mask as the module docstring says; None recomputes the
+    pre-activation. ``splits`` overrides the dW/db split heuristic (tests use it to exercise the
+    two-stage reduction on the CPU)."""
     need_dx, need_dw = bool(output_mask[0]), bool(output_mask[1])
     need_db = bool(output_mask[2]) and bias is not None
     M, K = x.shape
     N = weight.shape[0]
     dev, dtype = x.device, x.dtype
     act = _activation_code(activation)
+    mode, slope = _mode(out, activation, negative_slope), float(negative_slope)
     acc_dtype, precision = _acc_dtype(dtype), _input_precision(dtype)
 
     if M == 0 or N == 0 or K == 0:
@@ -279,22 +318,14 @@ def linear_act_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.T
         dw = torch.zeros((N, K), device=dev, dtype=dtype) if need_dw else None
         db = None
         if need_db:
-            if out is None:
-                z = bias.expand(M, N) if K == 0 else torch.zeros((M, N), device=dev, dtype=dtype)
-                out = _torch_activation(z, activation)
-            if _is_sign_mask(out):
-                out = sign_mask.unpack(out, (M, N), dtype)
-            d = _ACTIVATIONS[activation].grad_from_output(out)
-            db = (grad_out * d).sum(0) if M > 0 else torch.zeros((N,), device=dev, dtype=dtype)
+            db = _torch_dz(grad_out, x, weight, bias, out, activation, slope).sum(0)
         return dx, dw, db
     if not (need_dx or need_dw or need_db):
         return None, None, None
-    if _is_sign_mask(out) and N % 8:
-        # the kernels read the mask row by row in whole bytes; rows of N % 8 != 0 bits straddle bytes
-        out = sign_mask.unpack(out, (M, N), dtype)
-    if _use_narrow(N, K, x):
+    if _use_narrow(N, K, x, act, mode):
         with _device_guard(x):
-            return _narrow_backward(grad_out, x, weight, bias, out, act, need_dx, need_dw, need_db, splits)
+            return _narrow_backward(grad_out, x, weight, bias, out, act, mode, slope, need_dx, need_dw, need_db,
+                                    splits)
 
     with _device_guard(x):
         if out is None:
@@ -306,12 +337,12 @@ def linear_act_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.T
                 M, N, K,
                 x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
                 bias.stride(0) if bias is not None else 0,
-                grad_out.stride(0), grad_out.stride(1), dz.stride(0), dz.stride(1),
+                grad_out.stride(0), grad_out.stride(1), dz.stride(0), dz.stride(1), slope,
                 ACT=act, HAS_BIAS=bias is not None, ACC_DTYPE=acc_dtype, INPUT_PRECISION=precision,
             )
-            src, v, mode = dz, dz, 0
+            src, v = dz, dz
         else:
-            src, v, mode = grad_out, out, (2 if _is_sign_mask(out) else 1)
+            src, v = grad_out, out
 
         dx = None
         if need_dx:
@@ -321,7 +352,7 @@ def linear_act_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.T
                 src, v, weight, dx,
                 M, N, K,
                 src.stride(0), src.stride(1), *_v_strides(v),
-                weight.stride(0), weight.stride(1), dx.stride(0), dx.stride(1),
+                weight.stride(0), weight.stride(1), dx.stride(0), dx.stride(1), slope,
                 ACT=act, MODE=mode, ACC_DTYPE=acc_dtype, INPUT_PRECISION=precision,
             )
 
@@ -345,7 +376,7 @@ def linear_act_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.T
                 src.stride(0), src.stride(1), *_v_strides(v), x.stride(0), x.stride(1),
                 dw_t.stride(0) if (need_dw and s > 1) else 0,
                 dw_t.stride(-2) if need_dw else 0, dw_t.stride(-1) if need_dw else 0,
-                db_t.stride(0) if (need_db and s > 1) else 0, db_t.stride(-1) if need_db else 0,
+                db_t.stride(0) if (need_db and s > 1) else 0, db_t.stride(-1) if need_db else 0, slope,
                 ACT=act, MODE=mode, COMPUTE_DW=need_dw, COMPUTE_DB=need_db,
                 ACC_DTYPE=acc_dtype, INPUT_PRECISION=precision,
             )
@@ -358,38 +389,55 @@ def linear_act_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.T
 # Registered ops.
 # ------------------------------------------------------------------------------------------------
 
+def _check_shapes_fake(x, weight, op: str) -> None:
+    torch._check(x.dim() == 2 and weight.dim() == 2 and x.shape[1] == weight.shape[1],
+                 lambda: f"{op}: x (M, K) and weight (N, K) must agree on K")
+
+
 @torch.library.custom_op("fused_backprop::triton_linear_act_fwd", mutates_args=())
 def triton_linear_act_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                          activation: str) -> torch.Tensor:
-    _check(x, weight, bias, activation, "triton_linear_act_fwd")
-    return linear_act_forward(x, weight, bias, activation)
+                          activation: str, negative_slope: float = DEFAULT_NEGATIVE_SLOPE) -> torch.Tensor:
+    _check(x, weight, bias, activation, negative_slope, "triton_linear_act_fwd")
+    return linear_act_forward(x, weight, bias, activation, negative_slope)
 
 
 @triton_linear_act_fwd.register_fake
-def _triton_linear_act_fwd_fake(x, weight, bias, activation):
-    torch._check(x.dim() == 2 and weight.dim() == 2 and x.shape[1] == weight.shape[1],
-                 lambda: "triton_linear_act_fwd: x (M, K) and weight (N, K) must agree on K")
+def _triton_linear_act_fwd_fake(x, weight, bias, activation, negative_slope=DEFAULT_NEGATIVE_SLOPE):
+    _check_shapes_fake(x, weight, "triton_linear_act_fwd")
     return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+@torch.library.custom_op("fused_backprop::triton_linear_act_fwd_preact", mutates_args=())
+def triton_linear_act_fwd_preact(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                                 activation: str, negative_slope: float = DEFAULT_NEGATIVE_SLOPE
+                                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    _check(x, weight, bias, activation, negative_slope, "triton_linear_act_fwd_preact")
+    return linear_act_forward(x, weight, bias, activation, negative_slope, return_preact=True)
+
+
+@triton_linear_act_fwd_preact.register_fake
+def _triton_linear_act_fwd_preact_fake(x, weight, bias, activation, negative_slope=DEFAULT_NEGATIVE_SLOPE):
+    _check_shapes_fake(x, weight, "triton_linear_act_fwd_preact")
+    shape = (x.shape[0], weight.shape[0])
+    return x.new_empty(shape), x.new_empty(shape)
 
 
 @torch.library.custom_op("fused_backprop::triton_linear_act_bwd", mutates_args=())
 def triton_linear_act_bwd(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                           bias: Optional[torch.Tensor], out: Optional[torch.Tensor], activation: str,
-                          output_mask: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    _check(x, weight, bias, activation, "triton_linear_act_bwd", grad_out=grad_out, out=out)
+                          output_mask: list[bool], negative_slope: float = DEFAULT_NEGATIVE_SLOPE
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check(x, weight, bias, activation, negative_slope, "triton_linear_act_bwd", grad_out=grad_out, out=out)
     if len(output_mask) != 3:
         raise ValueError(f"triton_linear_act_bwd: output_mask must have 3 entries, got {len(output_mask)}")
-    dx, dw, db = linear_act_backward(grad_out, x, weight, bias, out, activation, output_mask)
-    empty = x.new_empty((0,))
-    return (dx if dx is not None else empty,
-            dw if dw is not None else x.new_empty((0,)),
-            db if db is not None else x.new_empty((0,)))
+    grads = linear_act_backward(grad_out, x, weight, bias, out, activation, output_mask, negative_slope)
+    return tuple(g if g is not None else x.new_empty((0,)) for g in grads)
 
 
 @triton_linear_act_bwd.register_fake
-def _triton_linear_act_bwd_fake(grad_out, x, weight, bias, out, activation, output_mask):
-    torch._check(x.dim() == 2 and weight.dim() == 2 and x.shape[1] == weight.shape[1],
-                 lambda: "triton_linear_act_bwd: x (M, K) and weight (N, K) must agree on K")
+def _triton_linear_act_bwd_fake(grad_out, x, weight, bias, out, activation, output_mask,
+                                negative_slope=DEFAULT_NEGATIVE_SLOPE):
+    _check_shapes_fake(x, weight, "triton_linear_act_bwd")
     n = weight.shape[0]
     return (x.new_empty(x.shape) if output_mask[0] else x.new_empty((0,)),
             weight.new_empty(weight.shape) if output_mask[1] else x.new_empty((0,)),
@@ -400,6 +448,7 @@ def _register_autograd() -> None:
     from .. import autograd
 
     autograd.register_op_autograd("fused_backprop::triton_linear_act_fwd", backend_name="triton")
+    autograd.register_preact_op_autograd("fused_backprop::triton_linear_act_fwd_preact")
     autograd.register_backward_op_autograd("fused_backprop::triton_linear_act_bwd")
 
 
