@@ -70,11 +70,16 @@ if BUILD_ERROR is None:
     def _sign_mask_pack_fake(y, activation="relu"):
         return y.new_empty(((y.numel() + 7) // 8,), dtype=torch.uint8)
 
-    from .autograd import register_backward_op_autograd, register_op_autograd, register_preact_op_autograd
-    from .func import register_op_vmap
+    from .autograd import (register_backward_op_autograd, register_composite_op_autograd, register_op_autograd,
+                           register_preact_op_autograd)
+    from .func import linear_act_bwd_bwd_composite, linear_act_tangent_composite, register_op_vmap
 
     register_op_autograd("fused_backprop::linear_act_fwd", backend_name=None)
     register_preact_op_autograd("fused_backprop::linear_act_fwd_preact")
     register_backward_op_autograd("fused_backprop::linear_act_bwd")
+    register_composite_op_autograd("fused_backprop::linear_act_jvp", 7, linear_act_tangent_composite)
+    register_composite_op_autograd(  # the op takes output_mask before negative_slope
+        "fused_backprop::linear_act_bwd_bwd", 8,
+        lambda *a: linear_act_bwd_bwd_composite(*a[:8], a[8], a[10], a[9]))
     register_op_vmap("fused_backprop::linear_act_fwd", "fused_backprop::linear_act_fwd_preact",
                      "fused_backprop::linear_act_bwd")

@@ -250,30 +250,35 @@ def register_preact_op_autograd(op_name: str) -> None:
     torch.library.register_autograd(op_name, backward, setup_context=setup_context)
 
 
-def register_backward_op_autograd(op_name: str) -> None:
-    """Makes a registered backward op ``op(grad_out, x, weight, bias, out, activation, output_mask,
-    negative_slope)`` differentiable (so calling it directly on tensors that require grad is never
-    silently wrong): its vector-Jacobian product is that of the composite ``torch`` backend's
-    backward formula."""
-    tensor_names = ("grad_out", "x", "weight", "bias", "out")
+def register_composite_op_autograd(op_name: str, n_tensors: int, composite) -> None:
+    """Makes a registered op whose first ``n_tensors`` arguments are (optional) tensors
+    differentiable (so calling it directly on tensors that require grad is never silently wrong):
+    its vector-Jacobian product is that of ``composite(*tensors, *other_args)``, the same formula
+    in torch ops (the backward, jvp and double-backward ops)."""
 
     def setup_context(ctx, inputs, output):
-        *tensors, activation, output_mask, negative_slope = inputs
-        ctx.activation, ctx.output_mask, ctx.negative_slope = activation, output_mask, negative_slope
-        ctx.save_for_backward(*tensors)
+        ctx.others = inputs[n_tensors:]
+        ctx.save_for_backward(*inputs[:n_tensors])
 
     def backward(ctx, *grads):
         saved = ctx.saved_tensors
         wanted = [i for i, t in enumerate(saved) if t is not None and ctx.needs_input_grad[i]]
         with torch.enable_grad():
             inputs = [t.detach().requires_grad_(i in wanted) if t is not None else None for i, t in enumerate(saved)]
-            outs = backends.get("torch").backward(*inputs, ctx.activation, ctx.output_mask, ctx.negative_slope)
-            pairs = [(o, g) for o, g in zip(outs, grads) if o is not None and o.requires_grad]
+            outs = composite(*inputs, *ctx.others)
+            outs = outs if isinstance(outs, tuple) else (outs,)
+            pairs = [(o, g) for o, g in zip(outs, grads) if o is not None and o.requires_grad and g is not None]
             found = torch.autograd.grad([o for o, _ in pairs], [inputs[i] for i in wanted],
                                         [g for _, g in pairs], allow_unused=True) if pairs else [None] * len(wanted)
-        result = [None] * (len(tensor_names) + 3)
+        result = [None] * (n_tensors + len(ctx.others))
         for i, g in zip(wanted, found):
             result[i] = g if g is not None else torch.zeros_like(saved[i])
         return tuple(result)
 
     torch.library.register_autograd(op_name, backward, setup_context=setup_context)
+
+
+def register_backward_op_autograd(op_name: str) -> None:
+    """``op(grad_out, x, weight, bias, out, activation, output_mask, negative_slope)``: the
+    composite ``torch`` backend's backward formula gives its vector-Jacobian product."""
+    register_composite_op_autograd(op_name, 5, lambda *args: backends.get("torch").backward(*args))

@@ -23,9 +23,9 @@ X86 = platform.machine().lower() in ("x86_64", "amd64")
 LEVELS = ["DEFAULT", "AVX2", "AVX512"]  # ascending; what torch.backends.cpu.get_cpu_capability() says
 HERE = torch.backends.cpu.get_cpu_capability()
 # The tests of the kernels' results (parity, NaN/inf/extremes, 0 rows, odd sizes, the sign mask,
-# gradcheck, errors), rerun in a process per level.
+# gradcheck, errors, every activation, the torch.func kernels), rerun in a process per level.
 KERNEL_TESTS = ["test_parity.py", "test_semantics.py", "test_sign_mask.py", "test_gradcheck.py", "test_ops.py",
-                "test_autocast.py"]
+                "test_autocast.py", "test_func.py", "test_activations.py"]
 
 needs_build = pytest.mark.skipif(_ops.BUILD_ERROR is not None, reason="compiled extension not built")
 
