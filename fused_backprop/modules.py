@@ -78,25 +78,37 @@ class FusedLinearAct(nn.Module):
                 f"activation={self.activation!r}{slope}, recompute={self.recompute}, backend={self.backend!r}")
 
 
-class FusedLinearReLU(FusedLinearAct):
+class _FixedActivation(FusedLinearAct):
+    """A layer whose class fixes the activation: no activation arguments."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, recompute: bool = False,
+                 backend: str = "auto", device=None, dtype=None):
+        super().__init__(in_features, out_features, bias, recompute=recompute, backend=backend, device=device,
+                         dtype=dtype)
+
+    def _from_linear_args(self):
+        self._set_activation(None, DEFAULT_NEGATIVE_SLOPE)
+
+
+class FusedLinearReLU(_FixedActivation):
     """``relu(x @ weight.T + bias)``; same signature as ``nn.Linear`` plus recompute and backend."""
 
     activation = "relu"
 
 
-class FusedLinearSigmoid(FusedLinearAct):
+class FusedLinearSigmoid(_FixedActivation):
     """``sigmoid(x @ weight.T + bias)``; same signature as ``nn.Linear`` plus recompute and backend."""
 
     activation = "sigmoid"
 
 
-class FusedLinearTanh(FusedLinearAct):
+class FusedLinearTanh(_FixedActivation):
     """``tanh(x @ weight.T + bias)``; same signature as ``nn.Linear`` plus recompute and backend."""
 
     activation = "tanh"
 
 
-class FusedLinearSiLU(FusedLinearAct):
+class FusedLinearSiLU(_FixedActivation):
     """``silu(x @ weight.T + bias)``; same signature as ``nn.Linear`` plus recompute and backend."""
 
     activation = "silu"
@@ -146,11 +158,15 @@ FUSED_LAYERS = {
 }
 
 
+def _layer_of(activation: str, negative_slope: float):
+    """(class, its activation arguments) of the fused layer for ``activation``."""
+    cls, args = FUSED_LAYERS[activation]
+    return cls, ({"negative_slope": negative_slope} if cls is FusedLinearLeakyReLU else args)
+
+
 def fused_layer_from_linear(linear: nn.Linear, activation: str, *, negative_slope=DEFAULT_NEGATIVE_SLOPE, **kwargs):
     """The fused layer of ``activation`` sharing ``linear``'s parameters (fuse's rewrite)."""
-    cls, args = FUSED_LAYERS[activation]
-    if activation == "leaky_relu":
-        args = {"negative_slope": negative_slope}
+    cls, args = _layer_of(activation, negative_slope)
     return cls.from_linear(linear, **kwargs, **args)
 
 
@@ -182,9 +198,9 @@ class FusedMLP(nn.Module):
             if i == len(sizes) - 2 and not last_activation:
                 layers.append(nn.Linear(n_in, n_out, bias=bias, device=device, dtype=dtype))
             else:
-                layers.append(FusedLinearAct(n_in, n_out, bias=bias, recompute=recompute == "layer", backend=backend,
-                                             device=device, dtype=dtype, activation=activation,
-                                             negative_slope=negative_slope))
+                cls, args = _layer_of(activation, negative_slope)
+                layers.append(cls(n_in, n_out, bias=bias, recompute=recompute == "layer", backend=backend,
+                                  device=device, dtype=dtype, **args))
         self.layers = nn.ModuleList(layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,12 +1,69 @@
-"""Shared test inputs and tolerances: every test builds its tensors here."""
+"""Shared test inputs, tolerances and torch's own activations: every test builds its tensors here."""
 
 from __future__ import annotations
 
+import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fused_backprop import ACTIVATIONS
 
 # (M, K, N): 0 rows, 1 row, K=1, N=1, and sizes that are multiples of no panel or tile.
 ODD_SHAPES = [(0, 5, 3), (1, 7, 4), (5, 1, 6), (6, 9, 1), (37, 13, 11), (130, 65, 33)]
-ACTIVATIONS = ("relu", "sigmoid")
+DEFAULT_SLOPE = 0.01
+
+# torch's own activation of each name as an nn.Module, written here (not read from the package's
+# registry) so that the tests check the registry too. A factory of the negative slope.
+TORCH_MODULES = {
+    "relu": lambda a: nn.ReLU(),
+    "sigmoid": lambda a: nn.Sigmoid(),
+    "tanh": lambda a: nn.Tanh(),
+    "leaky_relu": lambda a: nn.LeakyReLU(a),
+    "gelu": lambda a: nn.GELU(),
+    "gelu_tanh": lambda a: nn.GELU(approximate="tanh"),
+    "silu": lambda a: nn.SiLU(),
+}
+# ... and as a function.
+TORCH_FUNCTIONS = {
+    "relu": lambda z, a: torch.relu(z),
+    "sigmoid": lambda z, a: torch.sigmoid(z),
+    "tanh": lambda z, a: torch.tanh(z),
+    "leaky_relu": lambda z, a: F.leaky_relu(z, a),
+    "gelu": lambda z, a: F.gelu(z),
+    "gelu_tanh": lambda z, a: F.gelu(z, approximate="tanh"),
+    "silu": lambda z, a: F.silu(z),
+}
+# What backward keeps of the layer when it keeps something: the output y where act' is a function
+# of y, else the pre-activation z (leaky relu with a negative slope: y > 0 on both branches).
+KEEPS_Z = {"gelu", "gelu_tanh", "silu"}
+SIGN_ACTIVATIONS = ("relu", "leaky_relu")  # act' from the sign alone: recompute keeps a 1-bit mask
+
+# Leaky relu's slope cases beyond the default: zero (relu-like), negative (y does not tell the
+# branch, so z is kept) and above one.
+EXTRA_SLOPES = (0.0, -0.5, 1.5)
+# (activation, negative_slope): every activation at the default slope, and leaky relu's others.
+ACT_CASES = [pytest.param(a, DEFAULT_SLOPE, id=a) for a in ACTIVATIONS] + [
+    pytest.param("leaky_relu", s, id=f"leaky_relu{s:g}") for s in EXTRA_SLOPES]
+
+
+def dtype_id(dtype) -> str:
+    """A test id for a dtype: "float32" rather than "dtype0"."""
+    return str(dtype).removeprefix("torch.")
+
+
+def torch_act(activation: str, negative_slope: float = DEFAULT_SLOPE) -> nn.Module:
+    return TORCH_MODULES[activation](negative_slope)
+
+
+def keeps_z(activation: str, negative_slope: float = DEFAULT_SLOPE) -> bool:
+    return activation in KEEPS_Z or (activation == "leaky_relu" and negative_slope < 0)
+
+
+def keeps_mask(activation: str, negative_slope: float = DEFAULT_SLOPE) -> bool:
+    """Whether recompute=True keeps the packed sign mask (else nothing)."""
+    return activation in SIGN_ACTIVATIONS and not keeps_z(activation, negative_slope)
+
 
 # Tolerances tied to the dtype (Liger-Kernel style).
 TOL = {
@@ -47,3 +104,27 @@ def sample_inputs(m, k, n, *, dtype=torch.float64, device="cpu", bias=True, requ
 def assert_close(actual, expected, dtype=None):
     dtype = dtype or expected.dtype
     torch.testing.assert_close(actual, expected.to(actual.dtype), **TOL[dtype])
+
+
+def layer_grads(fn, x, w, b, g):
+    """Output and (dx, dw, db) of ``fn(x, w, b)`` (b may be None) for the output gradient ``g``,
+    on fresh leaf copies of the inputs."""
+    x, w = x.detach().clone().requires_grad_(True), w.detach().clone().requires_grad_(True)
+    b = None if b is None else b.detach().clone().requires_grad_(True)
+    y = fn(x, w, b)
+    y.backward(g)
+    return y.detach(), x.grad, w.grad, (b.grad if b is not None else None)
+
+
+def torch_layer(activation, negative_slope=DEFAULT_SLOPE):
+    """``act(F.linear(x, w, b))`` with torch's own activation."""
+    act = TORCH_FUNCTIONS[activation]
+    return lambda x, w, b: act(F.linear(x, w, b), negative_slope)
+
+
+def saved_tensors(fn):
+    """The tensors autograd saves for backward while ``fn()`` runs, in order."""
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        fn()
+    return saved

@@ -5,9 +5,10 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import ACT_CASES, dtype_id, torch_act
+
 import fused_backprop as fb
 
-TORCH_ACT = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid}
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
@@ -20,13 +21,13 @@ def run(model, x, device, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("activation", ["relu", "sigmoid"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=dtype_id)
+@pytest.mark.parametrize("activation,slope", ACT_CASES)
 @pytest.mark.parametrize("recompute", ["none", "layer", "block"])
-def test_mlp_under_autocast_matches_linear(device, dtype, activation, recompute):
+def test_mlp_under_autocast_matches_linear(device, dtype, activation, slope, recompute):
     torch.manual_seed(0)
-    fused = fb.FusedMLP([24, 40, 16], activation, recompute=recompute, device=device)
-    layers = [nn.Linear(24, 40), TORCH_ACT[activation](), nn.Linear(40, 16), TORCH_ACT[activation]()]
+    fused = fb.FusedMLP([24, 40, 16], activation, recompute=recompute, negative_slope=slope, device=device)
+    layers = [nn.Linear(24, 40), torch_act(activation, slope), nn.Linear(40, 16), torch_act(activation, slope)]
     eager = nn.Sequential(*layers).to(device)
     for linear, layer in zip(eager[::2], fused.layers):
         linear.load_state_dict(layer.state_dict())

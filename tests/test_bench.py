@@ -138,7 +138,7 @@ def test_list_backends(capsys):
     (["--shapes", "12x3"], "shapes must look like"),
     (["--shapes", "0x3x4"], "shapes must look like"),
     (["--dtypes", "int8"], "unknown dtype int8"),
-    (["--activations", "tanh"], "unknown activation tanh"),
+    (["--activations", "swish"], "unknown activation swish"),
     (["--modes", "sideways"], "unknown mode sideways"),
     (["--baselines", "jax"], "unknown baseline jax"),
     (["--backends", "nope"], "unknown backend nope"),
@@ -157,6 +157,22 @@ def test_cuda_device_without_a_gpu_is_an_error(capsys):
     with pytest.raises(SystemExit):
         cli.main(["--device", "cuda", "--list"])
     assert "no CUDA GPU" in capsys.readouterr().err
+
+
+def test_activations_all_and_every_name():
+    args = cli.resolve_options(cli.build_parser().parse_args(["--activations", "all"]))
+    assert args.activations == list(fb.ACTIVATIONS)
+    args = cli.resolve_options(cli.build_parser().parse_args(["--activations", "gelu_tanh,leaky_relu"]))
+    assert args.activations == ["gelu_tanh", "leaky_relu"]
+
+
+def test_every_activation_is_timed_and_checked(tmp_path):
+    rc, rows, _ = run_main(tmp_path, "--shapes", "64x16x8", "--modes", "all", "--recompute", "both",
+                           "--activations", "all", "--backends", "cpu", "--baselines", "eager", "--no-plots")
+    assert rc == 0
+    assert {r["activation"] for r in rows} == set(fb.ACTIVATIONS)
+    bad = [r for r in rows if r["status"] != "ok"]
+    assert not bad and all(float(r["median_ms"]) > 0 for r in rows), bad
 
 
 def test_quick_defaults_and_explicit_options_win():
@@ -179,7 +195,7 @@ def _register(monkeypatch, name, **changes):
 
 def test_wrong_forward_is_flagged_and_not_timed(tmp_path, monkeypatch, capsys):
     good = backends.get("torch")
-    _register(monkeypatch, "broken", forward=lambda x, w, b, act: good.forward(x, w, b, act) * 1.01)
+    _register(monkeypatch, "broken", forward=lambda x, w, b, act, slope: good.forward(x, w, b, act, slope) * 1.01)
     rc, rows, doc = run_main(tmp_path, "--backends", "broken,torch", "--baselines", "eager", "--no-plots")
     assert rc == 1
     broken = [r for r in rows if r["provider"] == "broken"]
@@ -196,8 +212,8 @@ def test_wrong_forward_is_flagged_and_not_timed(tmp_path, monkeypatch, capsys):
 def test_wrong_backward_is_flagged(tmp_path, monkeypatch):
     good = backends.get("torch")
 
-    def backward(grad_out, x, w, b, out, act, mask):
-        dx, dw, db = good.backward(grad_out, x, w, b, out, act, mask)
+    def backward(grad_out, x, w, b, out, act, mask, slope):
+        dx, dw, db = good.backward(grad_out, x, w, b, out, act, mask, slope)
         return dx, dw.t().contiguous().t() * 0.5, db  # dW halved
 
     _register(monkeypatch, "badgrad", backward=backward)
@@ -209,7 +225,7 @@ def test_wrong_backward_is_flagged(tmp_path, monkeypatch):
 
 
 def test_backend_that_raises_is_reported_not_timed(tmp_path, monkeypatch):
-    def forward(x, w, b, act):
+    def forward(x, w, b, act, slope):
         raise RuntimeError("no kernel for this dtype")
 
     _register(monkeypatch, "raiser", forward=forward)
@@ -223,7 +239,7 @@ def test_backend_that_raises_is_reported_not_timed(tmp_path, monkeypatch):
 
 def test_gate_passes_the_real_backends_in_every_dtype():
     for dtype in (torch.float64, torch.float32, torch.bfloat16):
-        for activation in ("relu", "sigmoid"):
+        for activation in fb.ACTIVATIONS:
             case = cases.Case("cpu", dtype, activation, 300, 70, 90)
             tensors = cases.make_tensors(case)
             for name in ("cpu", "torch", "numpy"):
@@ -374,7 +390,8 @@ def test_latency_statements_compute_the_layer_and_its_gradients():
 
 def test_latency_wrong_fused_layer_is_flagged_and_not_timed(tmp_path, monkeypatch, capsys):
     good = backends.get("torch")
-    broken = dataclasses.replace(good, name="broken", forward=lambda x, w, b, act: good.forward(x, w, b, act) * 1.01)
+    broken = dataclasses.replace(good, name="broken",
+                                 forward=lambda x, w, b, act, slope: good.forward(x, w, b, act, slope) * 1.01)
     monkeypatch.setitem(backends._AUTO, "cpu", broken)
     rc, rows, _ = run_latency(tmp_path, "--baselines", "eager", "--activations", "relu", "--latency-m", "2",
                               "--no-plots")

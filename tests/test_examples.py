@@ -103,8 +103,8 @@ def test_gradient_check_fails_on_a_wrong_backend(tmp_path, monkeypatch):
 
     good = fb.backends.get("torch")
 
-    def backward(grad_out, x, w, b, out, act, mask):
-        dx, dw, db = good.backward(grad_out, x, w, b, out, act, mask)
+    def backward(grad_out, x, w, b, out, act, mask, slope):
+        dx, dw, db = good.backward(grad_out, x, w, b, out, act, mask, slope)
         return dx, dw, None if db is None else db * 2
 
     monkeypatch.setitem(fb.backends._REGISTRY, "badbias", dataclasses.replace(good, name="badbias", backward=backward))

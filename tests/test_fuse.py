@@ -17,6 +17,7 @@ from torch.testing import assert_close
 
 import fused_backprop as fb
 
+NAMES = r"\('relu', 'sigmoid', 'tanh', 'leaky_relu', 'gelu', 'gelu_tanh', 'silu'\)"
 
 def fused_layers(model):
     return [name for name, m in model.named_modules() if isinstance(m, fb.FusedLinearAct)]
@@ -62,13 +63,13 @@ def assert_round_trips(fused, inputs):
             assert_close(other(*inputs), want)
 
 
-def check(make, inputs, n_fused, *, round_trips=True, **kwargs):
+def check(make, inputs, n_fused, *, round_trips=True, recompute=False, **kwargs):
     """Fuse a fresh model, compare with its unfused copy; returns (fused model, report)."""
     torch.manual_seed(0)
     model = make()
     ref = copy.deepcopy(model)
     report = fb.fuse_report(model, **kwargs)
-    fused = fb.fuse(model, **kwargs)
+    fused = fb.fuse(model, recompute=recompute, **kwargs)
     assert len(fused_layers(fused)) == n_fused == sum(r.fused for r in report)
     assert len(report) == sum(isinstance(m, nn.Linear) for m in ref.modules())
     assert_same_model(fused, ref, inputs)
@@ -101,28 +102,95 @@ def test_timm_mlp_relu():
     assert report["fc1"].activation == "relu" and report["fc2"].reason == "no activation after it"
 
 
-def test_timm_vit_gelu_is_reported_unsupported():
+def test_timm_vit_gelu():
     timm = pytest.importorskip("timm")
     make = lambda: timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=16,  # noqa: E731
                                      depth=2, num_classes=10)
-    fused, report = check(make, [torch.randn(2, 3, 32, 32)], 0, round_trips=False)
-    assert [n for n, r in report.items() if r.reason == "unsupported activation 'gelu'"] == \
-        ["blocks.0.mlp.fc1", "blocks.1.mlp.fc1"]
+    fused, report = check(make, [torch.randn(2, 3, 32, 32)], 2, round_trips=False)
+    assert fused_layers(fused) == ["blocks.0.mlp.fc1", "blocks.1.mlp.fc1"]
+    assert all(report[n].activation == "gelu" for n in fused_layers(fused))
+    assert isinstance(fused.blocks[0].mlp.fc1, fb.FusedLinearGELU) and fused.blocks[0].mlp.fc1.approximate == "none"
+    assert report["blocks.0.mlp.fc2"].reason == "no activation after it"
 
 
-def test_transformers_bert_gelu_is_reported_unsupported():
+def test_timm_mlp_gelu_tanh_and_silu():
+    timm = pytest.importorskip("timm")
+    for act_layer, name in ((lambda: nn.GELU(approximate="tanh"), "gelu_tanh"), (nn.SiLU, "silu")):
+        fused, report = check(lambda: timm.layers.Mlp(32, 64, act_layer=act_layer), [torch.randn(3, 5, 32)], 1)
+        assert report["fc1"].activation == name and isinstance(fused.act, nn.Identity)
+
+
+def test_transformers_bert_gelu_and_tanh():
     transformers = pytest.importorskip("transformers")
     config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                      intermediate_size=64, vocab_size=100, max_position_embeddings=32)
     make = lambda: transformers.BertModel(config)  # noqa: E731
-    fused, report = check(make, [torch.randint(0, 100, (2, 9))], 0, round_trips=False)
+    fused, report = check(make, [torch.randint(0, 100, (2, 9))], 3, round_trips=False)
     # GELUActivation is a wrapper around F.gelu: seen through
-    assert [n for n, r in report.items() if r.reason == "unsupported activation 'gelu'"] == \
+    assert [n for n, r in report.items() if r.activation == "gelu"] == \
         ["encoder.layer.0.intermediate.dense", "encoder.layer.1.intermediate.dense"]
-    assert report["pooler.dense"].reason == "unsupported activation 'tanh'"
+    assert report["pooler.dense"].activation == "tanh"  # BertPooler: dense -> nn.Tanh
 
 
 # --- hand-written modules ---------------------------------------------------------------------
+
+class NewActivations(nn.Module):
+    """Every new activation in every form fuse knows: nn modules, functions, tensor methods."""
+
+    def __init__(self):
+        super().__init__()
+        self.fcs = nn.ModuleList(nn.Linear(8, 8) for _ in range(13))
+        self.leaky, self.leaky_neg = nn.LeakyReLU(0.2), nn.LeakyReLU(-0.5)
+        self.gelu, self.gelu_tanh, self.silu, self.tanh = nn.GELU(), nn.GELU(approximate="tanh"), nn.SiLU(), nn.Tanh()
+        self.out = nn.Linear(8, 8)
+
+    def forward(self, x):
+        f = self.fcs
+        hs = [torch.tanh(f[0](x)), F.tanh(f[1](x)), f[2](x).tanh(), F.leaky_relu(f[3](x), negative_slope=-0.25),
+              F.leaky_relu(f[4](x)), F.gelu(f[5](x)), F.gelu(f[6](x), approximate="tanh"), F.silu(f[7](x)),
+              self.leaky(f[8](x)), self.leaky_neg(f[9](x)), self.gelu(f[10](x)), self.gelu_tanh(f[11](x)),
+              self.silu(self.tanh(f[12](x)))]
+        return self.out(sum(hs))
+
+
+class LeakyPositional(nn.Module):
+    """F.leaky_relu with its slope (and inplace) positional."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return F.leaky_relu(self.fc(x), 0.3, True)
+
+
+def test_every_activation_in_every_form():
+    fused, report = check(NewActivations, x8, 13)
+    want = {"0": "tanh", "1": "tanh", "2": "tanh", "3": "leaky_relu", "4": "leaky_relu", "5": "gelu",
+            "6": "gelu_tanh", "7": "silu", "8": "leaky_relu", "9": "leaky_relu", "10": "gelu", "11": "gelu_tanh",
+            "12": "tanh"}
+    assert {n: report[f"fcs.{n}"].activation for n in want} == want
+    slopes = {n: fused.fcs[int(n)].negative_slope for n in ("3", "4", "8", "9")}
+    assert slopes == {"3": -0.25, "4": 0.01, "8": 0.2, "9": -0.5}  # the model's, carried to the layer
+    assert [type(fused.fcs[i]) for i in (0, 3, 5, 6, 7)] == [fb.FusedLinearTanh, fb.FusedLinearLeakyReLU,
+                                                             fb.FusedLinearGELU, fb.FusedLinearGELU, fb.FusedLinearSiLU]
+
+
+def test_positional_leaky_relu_slope_is_carried():
+    fused, report = check(LeakyPositional, x8, 1)
+    assert report["fc"].activation == "leaky_relu" and fused.fc.negative_slope == 0.3
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_sequential_of_new_activations_with_recompute(recompute):
+    def make():
+        return nn.Sequential(nn.Linear(8, 8), nn.LeakyReLU(-0.1), nn.Linear(8, 8), nn.LeakyReLU(0.0),
+                             nn.Dropout(0.0), nn.Linear(8, 8), nn.GELU(approximate="tanh"), nn.Linear(8, 8), nn.SiLU())
+    fused, report = check(make, x8, 4, recompute=recompute)
+    assert [fused[i].negative_slope for i in (0, 2)] == [-0.1, 0.0]
+    assert all(fused[i].recompute == recompute for i in (0, 2, 5, 7))
+    assert [r.activation for r in report.values()] == ["leaky_relu", "leaky_relu", "gelu_tanh", "silu"]
+
 
 class Styles(nn.Module):
     """The function, method, torch.sigmoid and attribute styles in one forward."""
@@ -288,10 +356,10 @@ def test_activations_argument_and_bad_input():
     assert report["fc1"].reason == "activation 'relu' not selected" and report["fc2"].fused
     with pytest.raises(TypeError, match="module must be an nn.Module"):
         fb.fuse(lambda x: x)
-    with pytest.raises(ValueError, match="activations: 'swish' is unknown"):
+    with pytest.raises(ValueError, match="activations: 'swish' is unknown; choose from " + NAMES):
         fb.fuse(Styles(), activations=["swish"])
-    with pytest.raises(ValueError, match="activations: 'gelu' is not supported yet"):
-        fb.fuse(Styles(), activations="gelu")
+    fused, report = check(Styles, x8, 0, activations="gelu")  # a name alone; nothing of it in Styles
+    assert report["fc2"].reason == "activation 'sigmoid' not selected"
     with pytest.raises(ValueError, match="backend"):
         fb.fuse(Styles(), backend="nope")
     with pytest.raises(TypeError, match="recompute"):

@@ -1,13 +1,18 @@
-"""The Triton backend: forward and backward kernels against the torch backend and the NumPy
-reference, gradcheck, opcheck and torch.compile of its ops.
+"""The Triton backend: forward and backward kernels against torch's own activations, the torch
+backend and the NumPy reference, for every activation of the registry; the activation formulas
+themselves on NaN, +-inf, +-0 and large |z|; gradcheck, opcheck and torch.compile of its ops.
 
 On machines without a GPU the kernels run on CPU tensors through the Triton interpreter
 (conftest.py sets TRITON_INTERPRET=1 before anything imports triton). The interpreter runs every
 program in Python, so the shapes here stay tiny; it does not run bfloat16 (skipped with a reason).
+The full grids of shapes, layouts and backward paths run for relu and sigmoid (``GRID_CASES``: the
+tiling does not depend on the activation); every activation (and leaky relu's other slopes,
+``ACT_CASES``) runs every mode of backward on a few odd shapes.
 """
 
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
@@ -17,10 +22,14 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
 import fused_backprop as fb  # noqa: E402
 from fused_backprop import backends, reference, sign_mask  # noqa: E402
-from fused_backprop.activations import ACTIVATIONS as ACT_FNS  # noqa: E402
-from helpers import ACTIVATIONS, ODD_SHAPES, TOL, assert_close, sample_inputs  # noqa: E402
+from fused_backprop.activations import NAMES, saves_output, uses_sign_mask  # noqa: E402
+from helpers import (ACT_CASES, ACTIVATIONS, DEFAULT_SLOPE, ODD_SHAPES, TOL, TORCH_FUNCTIONS,  # noqa: E402
+                     assert_close, sample_inputs, torch_layer)
 
 TRITON = backends.get("triton")
 if TRITON is None:
@@ -38,14 +47,23 @@ else:
                 allow_module_level=True)
 
 # The interpreter runs the kernels' math in NumPy, which warns on the (intended) exp() overflow of
-# sigmoid at the extremes and on NaN/inf inputs to a matmul.
-pytestmark = [pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning"),
-              pytest.mark.filterwarnings("ignore:invalid value encountered in matmul:RuntimeWarning")]
+# sigmoid and silu at the extremes, on NaN/inf inputs to a matmul, and on the branch of a
+# tl.where that is computed and discarded (tanh's polynomial at |z| >> 1, inf * 0 at +-inf).
+pytestmark = [pytest.mark.filterwarnings("ignore:overflow encountered in:RuntimeWarning"),
+              pytest.mark.filterwarnings("ignore:invalid value encountered in:RuntimeWarning")]
 
-TORCH_ACT = {"relu": torch.relu, "sigmoid": torch.sigmoid}
 TORCH = backends.get("torch")
 FLOATS = [torch.float32, torch.float64]
 SHAPE_IDS = [f"M{m}K{k}N{n}" for m, k, n in ODD_SHAPES]
+# The full grids (every odd shape, layout, bias and backward path) for two activations; the
+# activation-specific math runs for all of ACT_CASES on FEW_SHAPES.
+GRID_CASES = [pytest.param("relu", DEFAULT_SLOPE, id="relu"), pytest.param("sigmoid", DEFAULT_SLOPE, id="sigmoid")]
+FEW_SHAPES = [(0, 5, 3), (5, 1, 6), (37, 13, 11)]
+FEW_SHAPE_IDS = [f"M{m}K{k}N{n}" for m, k, n in FEW_SHAPES]
+# (activation, slope) with a packed sign mask: relu, and leaky relu at the default, a non-default
+# and a zero slope.
+MASK_CASES = [pytest.param("relu", DEFAULT_SLOPE, id="relu"), pytest.param("leaky_relu", DEFAULT_SLOPE, id="leaky"),
+              pytest.param("leaky_relu", 0.2, id="leaky0.2"), pytest.param("leaky_relu", 0.0, id="leaky0")]
 
 
 @pytest.fixture(params=["two-gemm", "single-pass"])
@@ -76,77 +94,254 @@ def check_np(actual, expected, dtype):
     assert_close(actual.detach().cpu(), torch.from_numpy(np.ascontiguousarray(expected)), dtype=dtype)
 
 
+def torch_act(z, activation, slope=DEFAULT_SLOPE):
+    """torch's own activation (helpers.TORCH_FUNCTIONS, not the package's registry)."""
+    return TORCH_FUNCTIONS[activation](z, slope)
+
+
+def kept(y, z, activation, slope):
+    """What backward takes as ``out`` for a layer with output y and pre-activation z."""
+    return y if saves_output(activation, slope) else z
+
+
+def expected_grads(g, x, w, b, activation, slope=DEFAULT_SLOPE):
+    """(y, z, dx, dw, db) from torch's own activation and autograd, in x's dtype."""
+    z = F.linear(x, w, b)
+    zr = z.detach().requires_grad_(True)
+    y = torch_act(zr, activation, slope)
+    dz, = torch.autograd.grad(y, zr, g)
+    return y.detach(), z, dz @ w, dz.t() @ x, (dz.sum(0) if b is not None else None)
+
+
 # ------------------------------------------------------------------------------------------------
-# Forward and backward parity on odd shapes.
+# The registry and the codes.
+# ------------------------------------------------------------------------------------------------
+
+def test_every_registry_name_has_a_triton_code():
+    assert tuple(kernels.ACTIVATION_CODES) == NAMES == tuple(ACTIVATIONS)
+    assert sorted(kernels.ACTIVATION_CODES.values()) == list(range(len(NAMES)))
+    for name in NAMES:
+        assert ops._activation_code(name) == kernels.ACTIVATION_CODES[name]
+
+
+# ------------------------------------------------------------------------------------------------
+# The activation formulas on their own, elementwise: against torch on special values.
+# ------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _pointwise_kernel(z_ptr, y_ptr, dz_ptr, dy_ptr, n, negative_slope: tl.float64, ACT: tl.constexpr,
+                      FROM_OUTPUT: tl.constexpr, BLOCK: tl.constexpr):
+    """act(z), act'(z) from z, and (FROM_OUTPUT) act'(z) from y = act(z), elementwise."""
+    offs = tl.arange(0, BLOCK)
+    mask = offs < n
+    z = tl.load(z_ptr + offs, mask=mask, other=0.0)
+    y = kernels._activation(z, negative_slope, ACT)
+    tl.store(y_ptr + offs, y, mask=mask)
+    tl.store(dz_ptr + offs, kernels._activation_grad(z, negative_slope, False, ACT), mask=mask)
+    if FROM_OUTPUT:
+        tl.store(dy_ptr + offs, kernels._activation_grad(y, negative_slope, True, ACT), mask=mask)
+
+
+def pointwise(z, activation, slope):
+    """(act(z), act'(z) from z, act'(z) from act(z) or None) by the kernels' own formulas."""
+    y, dz, dy = torch.empty_like(z), torch.empty_like(z), torch.empty_like(z)
+    from_output = saves_output(activation, slope)
+    _pointwise_kernel[(1,)](z, y, dz, dy, z.numel(), float(slope), ACT=kernels.ACTIVATION_CODES[activation],
+                            FROM_OUTPUT=from_output, BLOCK=triton.next_power_of_2(z.numel()))
+    return y, dz, (dy if from_output else None)
+
+
+INF, NAN = float("inf"), float("nan")
+SPECIAL = [NAN, INF, -INF, 0.0, -0.0, 1e-30, -1e-30, 1e-4, -1e-4, 0.3, -0.3, 3.0, -3.0, 10.0, -10.0, 20.0, -20.0,
+           100.0, -100.0, 1e4, -1e4]
+BIG = {torch.float32: 3e38, torch.float64: 1e300}  # near the top of the dtype: z^2, z^3 overflow
+# Where torch's CPU kernel gives an artefact of its vectorised math rather than the formula's
+# value (which torch's float64 kernel gives): fp32 gelu at +inf is NaN (its erf(+inf) is NaN) and
+# at 3e38 is inf. The Triton kernels compute the formula (see kernels._activation); these points
+# are checked against torch in float64.
+TORCH_CPU_ARTEFACTS = {("gelu", torch.float32): (INF, 3e38)}
+
+
+def special_values(dtype):
+    return torch.tensor(SPECIAL + [BIG[dtype], -BIG[dtype]], dtype=dtype, device=DEVICE)
+
+
+def torch_reference(z, activation, slope):
+    """torch's own activation and its autograd derivative at z, in z's dtype, with the artefact
+    points of TORCH_CPU_ARTEFACTS taken from float64."""
+    zr = z.detach().clone().requires_grad_(True)
+    y = torch_act(zr, activation, slope)
+    d, = torch.autograd.grad(y.sum(), zr)
+    y = y.detach()
+    artefacts = TORCH_CPU_ARTEFACTS.get((activation, z.dtype))
+    if artefacts is not None and z.device.type == "cpu":
+        at = torch.isin(z, torch.tensor(artefacts, dtype=z.dtype))
+        assert at.any()
+        y = torch.where(at, torch_act(z.double(), activation, slope).to(z.dtype), y)
+    return y, d
+
+
+def assert_same_values(got, want, dtype):
+    """Close (NaN where NaN), and the same sign where both are zero."""
+    torch.testing.assert_close(got, want, equal_nan=True, **TOL[dtype])
+    both_zero = (got == 0) & (want == 0)
+    assert torch.equal(torch.signbit(got[both_zero]), torch.signbit(want[both_zero]))
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+@pytest.mark.parametrize("activation,slope", ACT_CASES)
+def test_formulas_on_special_values(activation, slope, dtype):
+    """act(z) and act'(z) (from z and, where backward keeps it, from y) at NaN, +-inf, +-0, tiny,
+    moderate and large |z|, against torch's function and autograd at the same dtype."""
+    z = special_values(dtype)
+    y, dz, dy = pointwise(z, activation, slope)
+    y_ref, d_ref = torch_reference(z, activation, slope)
+    assert_same_values(y, y_ref, dtype)
+    assert_same_values(dz, d_ref, dtype)
+    if dy is not None:
+        assert_same_values(dy, d_ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+def test_gelu_at_inf_is_the_limit(dtype):
+    """gelu(+inf) = +inf and gelu(-inf) = NaN (z Phi(z) = -inf * 0 as written), as torch computes
+    them in float64; torch's fp32 CPU kernel gives NaN at +inf (TORCH_CPU_ARTEFACTS)."""
+    y, dz, _ = pointwise(torch.tensor([INF, -INF], dtype=dtype, device=DEVICE), "gelu", DEFAULT_SLOPE)
+    assert y[0].item() == INF and math.isnan(y[1].item()) and dz.isnan().all()
+    torch64 = F.gelu(torch.tensor([INF, -INF], dtype=torch.float64))
+    assert torch64[0].item() == INF and math.isnan(torch64[1].item())
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+def test_tanh_accuracy(dtype):
+    """The exp-based tanh (tanh and gelu_tanh use it) within a few ulp of torch's float64 tanh
+    over both sides of the polynomial's threshold, in relative terms down to |z| = 1e-30."""
+    z = torch.cat([torch.linspace(-4, 4, 4001, dtype=torch.float64), torch.logspace(-30, 0, 301, dtype=torch.float64)])
+    at_threshold = torch.tensor([0.25, -0.25], dtype=torch.float64)
+    z = torch.cat([z, -z, at_threshold, at_threshold.nextafter(torch.zeros(2, dtype=torch.float64))])
+    z = z.to(dtype)
+    y, _, _ = pointwise(z.to(DEVICE), "tanh", DEFAULT_SLOPE)
+    want = torch.tanh(z.double())
+    eps = torch.finfo(dtype).eps
+    nonzero = want != 0
+    rel = ((y.cpu().double() - want).abs() / want.abs())[nonzero]
+    assert rel.max().item() <= 4 * eps, rel.max().item()
+    assert torch.equal(y.cpu()[~nonzero], z[~nonzero])
+
+
+@pytest.mark.parametrize("activation,slope", ACT_CASES)
+def test_formulas_match_torch_on_a_grid(activation, slope):
+    """act and act' against torch's function and autograd on a dense grid of z, in float64."""
+    z = torch.linspace(-12, 12, 2001, dtype=torch.float64, device=DEVICE)
+    y, dz, dy = pointwise(z, activation, slope)
+    y_ref, d_ref = torch_reference(z, activation, slope)
+    assert_close(y, y_ref)
+    assert_close(dz, d_ref)
+    if dy is not None:
+        assert_close(dy, d_ref)
+
+
+# ------------------------------------------------------------------------------------------------
+# Forward and backward parity on odd shapes, through the public API.
 # ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("noncontiguous", [False, True], ids=["contig", "noncontig"])
 @pytest.mark.parametrize("shape", ODD_SHAPES, ids=SHAPE_IDS)
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("activation,slope", GRID_CASES)
 @pytest.mark.parametrize("dtype", FLOATS, ids=str)
-def test_forward_parity(dtype, activation, bias, shape, noncontiguous):
+def test_forward_parity(dtype, activation, slope, bias, shape, noncontiguous):
     m, k, n = shape
     x, w, b = inputs(m, k, n, dtype, bias=bias, noncontiguous=noncontiguous)
     if noncontiguous and min(m, k, n) > 1:
         assert not x.is_contiguous() and not w.is_contiguous()
-    y = fb.linear_act(x, w, b, activation, backend="triton")
+    y = fb.linear_act(x, w, b, activation, negative_slope=slope, backend="triton")
     assert y.shape == (m, n) and y.dtype == dtype and y.device == x.device
-    assert_close(y, TORCH.forward(x, w, b, activation))
-    check_np(y, reference.forward(np64(x), np64(w), np64(b), activation), dtype)
+    assert_close(y, TORCH.forward(x, w, b, activation, slope))
+    check_np(y, reference.forward(np64(x), np64(w), np64(b), activation, slope), dtype)
+
+
+@pytest.mark.parametrize("shape", FEW_SHAPES, ids=FEW_SHAPE_IDS)
+@pytest.mark.parametrize("activation,slope", ACT_CASES)
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+def test_forward_parity_every_activation(dtype, activation, slope, shape):
+    """Every activation against torch's own function and the NumPy reference, also through
+    forward_preact (the epilogue that stores z too)."""
+    m, k, n = shape
+    x, w, b = inputs(m, k, n, dtype, noncontiguous=True)
+    y = fb.linear_act(x, w, b, activation, negative_slope=slope, backend="triton")
+    assert y.shape == (m, n) and y.dtype == dtype
+    assert_close(y, torch_act(F.linear(x, w, b), activation, slope))
+    check_np(y, reference.forward(np64(x), np64(w), np64(b), activation, slope), dtype)
+    y2, z = TRITON.forward_preact(x, w, b, activation, slope)
+    assert torch.equal(y2, y)
+    assert z.shape == (m, n) and z.dtype == dtype
+    assert_close(z, F.linear(x, w, b))
+
+
+def _backward_parity(dtype, activation, slope, bias, recompute, shape, noncontiguous):
+    """Every gradient through the public API (autograd.Function -> triton backend) against the
+    torch backend's autograd, torch's own activation and the NumPy reference."""
+    m, k, n = shape
+    x, w, b = inputs(m, k, n, dtype, bias=bias, noncontiguous=noncontiguous, requires_grad=True)
+    leaves = [t for t in (x, w, b) if t is not None]
+    g = grad_like((m, n), dtype)
+
+    y = fb.linear_act(x, w, b, activation, negative_slope=slope, recompute=recompute, backend="triton")
+    grads = torch.autograd.grad(y, leaves, g)
+    y_ref = fb.linear_act(x, w, b, activation, negative_slope=slope, recompute=recompute, backend="torch")
+    grads_ref = torch.autograd.grad(y_ref, leaves, g)
+    assert_close(y, y_ref)
+    for got, want in zip(grads, grads_ref):
+        assert got.shape == want.shape and got.dtype == dtype
+        assert_close(got, want)
+    y_own = torch_layer(activation, slope)(x, w, b)
+    for got, want in zip(grads, torch.autograd.grad(y_own, leaves, g)):
+        assert_close(got, want)
+
+    dx, dw, db = reference.backward(np64(g), np64(x), np64(w), np64(b), None, activation, slope)
+    for got, want in zip(grads, (dx, dw, db)):
+        check_np(got, want, dtype)
 
 
 @pytest.mark.parametrize("noncontiguous", [False, True], ids=["contig", "noncontig"])
 @pytest.mark.parametrize("shape", ODD_SHAPES, ids=SHAPE_IDS)
 @pytest.mark.parametrize("recompute", [False, True], ids=["saved", "recompute"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("activation,slope", GRID_CASES)
 @pytest.mark.parametrize("dtype", FLOATS, ids=str)
-def test_backward_parity(dtype, activation, bias, recompute, shape, noncontiguous, path):
-    """Every gradient through the public API (autograd.Function -> triton backend) against the
-    torch backend's autograd and the NumPy reference."""
-    m, k, n = shape
-    x, w, b = inputs(m, k, n, dtype, bias=bias, noncontiguous=noncontiguous, requires_grad=True)
-    leaves = [t for t in (x, w, b) if t is not None]
-    g = grad_like((m, n), dtype)
-
-    y = fb.linear_act(x, w, b, activation, recompute=recompute, backend="triton")
-    grads = torch.autograd.grad(y, leaves, g)
-    y_ref = fb.linear_act(x, w, b, activation, recompute=recompute, backend="torch")
-    grads_ref = torch.autograd.grad(y_ref, leaves, g)
-    assert_close(y, y_ref)
-    for got, want in zip(grads, grads_ref):
-        assert got.shape == want.shape and got.dtype == dtype
-        assert_close(got, want)
-
-    dx, dw, db = reference.backward(np64(g), np64(x), np64(w), np64(b), None, activation)
-    for got, want in zip(grads, (dx, dw, db)):
-        check_np(got, want, dtype)
+def test_backward_parity(dtype, activation, slope, bias, recompute, shape, noncontiguous, path):
+    _backward_parity(dtype, activation, slope, bias, recompute, shape, noncontiguous)
 
 
-@pytest.mark.parametrize("activation", ACTIVATIONS)
-def test_leading_dims_and_1d(activation):
+@pytest.mark.parametrize("shape", FEW_SHAPES, ids=FEW_SHAPE_IDS)
+@pytest.mark.parametrize("recompute", [False, True], ids=["saved", "recompute"])
+@pytest.mark.parametrize("activation,slope", ACT_CASES)
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+def test_backward_parity_every_activation(dtype, activation, slope, recompute, shape, path):
+    """Every activation and slope, saved (y or z, as the registry says) and recomputed (or the
+    sign mask), on both backward paths."""
+    _backward_parity(dtype, activation, slope, True, recompute, shape, True)
+
+
+@pytest.mark.parametrize("activation,slope", ACT_CASES)
+def test_leading_dims_and_1d(activation, slope):
     x, w, b = inputs(3, 6, 5, torch.float64, lead=(2,), requires_grad=True)
-    y = fb.linear_act(x, w, b, activation, backend="triton")
+    y = fb.linear_act(x, w, b, activation, negative_slope=slope, backend="triton")
     assert y.shape == (2, 3, 5)
-    y_ref = TORCH_ACT[activation](F.linear(x, w, b))
+    y_ref = torch_act(F.linear(x, w, b), activation, slope)
     assert_close(y, y_ref)
     g = grad_like(y.shape, torch.float64)
     for got, want in zip(torch.autograd.grad(y, (x, w, b), g), torch.autograd.grad(y_ref, (x, w, b), g)):
         assert_close(got, want)
     x1, w1, b1 = inputs(None, 6, 5, torch.float64)
-    assert_close(fb.linear_act(x1, w1, b1, activation, backend="triton"), TORCH_ACT[activation](F.linear(x1, w1, b1)))
+    assert_close(fb.linear_act(x1, w1, b1, activation, negative_slope=slope, backend="triton"),
+                 torch_act(F.linear(x1, w1, b1), activation, slope))
 
 
 # ------------------------------------------------------------------------------------------------
 # The launch wrappers and the registered ops directly: output masks, strides, splits, determinism.
 # ------------------------------------------------------------------------------------------------
-
-def _expected_grads(g, x, w, b, activation):
-    y = TORCH_ACT[activation](F.linear(x, w, b))
-    dz = g * ACT_FNS[activation].grad_from_output(y)
-    return y, dz @ w, dz.t() @ x, (dz.sum(0) if b is not None else None)
-
 
 @pytest.mark.parametrize("mask", [(True, True, True), (True, False, False), (False, True, False),
                                   (False, False, True), (False, True, True), (False, False, False)],
@@ -155,27 +350,29 @@ def _expected_grads(g, x, w, b, activation):
 def test_bwd_op_output_mask(mask, recompute, path):
     x, w, b = inputs(37, 13, 11, torch.float64)
     g = grad_like((37, 11), torch.float64)
-    y, dx, dw, db = _expected_grads(g, x, w, b, "sigmoid")
-    got = torch.ops.fused_backprop.triton_linear_act_bwd(g, x, w, b, None if recompute else y, "sigmoid", list(mask))
-    for want, flag, t in zip((dx, dw, db), mask, got):
-        if flag:
-            assert_close(t, want)
-        else:
-            assert t.numel() == 0 and t.shape == (0,)
+    for activation in ("sigmoid", "gelu"):  # backward from y, and from z
+        y, z, dx, dw, db = expected_grads(g, x, w, b, activation)
+        out = None if recompute else kept(y, z, activation, DEFAULT_SLOPE)
+        got = torch.ops.fused_backprop.triton_linear_act_bwd(g, x, w, b, out, activation, list(mask))
+        for want, flag, t in zip((dx, dw, db), mask, got):
+            if flag:
+                assert_close(t, want)
+            else:
+                assert t.numel() == 0 and t.shape == (0,)
     # bias None: db is masked out whatever output_mask says
     got = torch.ops.fused_backprop.triton_linear_act_bwd(g, x, w, None, None, "sigmoid", [True, True, True])
     assert got[2].shape == (0,)
 
 
-@pytest.mark.parametrize("activation", ACTIVATIONS)
-def test_bwd_noncontiguous_grad_and_out(activation, path):
-    """grad_out and out as transposed views (strides used, no copies)."""
+@pytest.mark.parametrize("activation,slope", ACT_CASES)
+def test_bwd_noncontiguous_grad_and_out(activation, slope, path):
+    """grad_out and out (y or z) as transposed views (strides used, no copies)."""
     x, w, b = inputs(37, 13, 11, torch.float64, noncontiguous=True)
     g = grad_like((11, 37), torch.float64).t()
-    y, dx, dw, db = _expected_grads(g, x, w, b, activation)
-    y_nc = y.t().contiguous().t()
-    assert not g.is_contiguous() and not y_nc.is_contiguous()
-    got = ops.linear_act_backward(g, x, w, b, y_nc, activation, (True, True, True))
+    y, z, dx, dw, db = expected_grads(g, x, w, b, activation, slope)
+    out_nc = kept(y, z, activation, slope).t().contiguous().t()
+    assert not g.is_contiguous() and not out_nc.is_contiguous()
+    got = ops.linear_act_backward(g, x, w, b, out_nc, activation, (True, True, True), slope)
     for t, want in zip(got, (dx, dw, db)):
         assert_close(t, want)
 
@@ -188,7 +385,7 @@ def test_split_reduction(dtype, recompute, splits, path):
     fixed-order pass: same results, and bitwise deterministic run to run."""
     x, w, b = inputs(130, 65, 33, dtype)
     g = grad_like((130, 33), dtype)
-    y, dx, dw, db = _expected_grads(g, x, w, b, "relu")
+    y, _, dx, dw, db = expected_grads(g, x, w, b, "relu")
     out = None if recompute else y
     first = ops.linear_act_backward(g, x, w, b, out, "relu", (True, True, True), splits=splits)
     for t, want in zip(first, (dx, dw, db)):
@@ -201,43 +398,81 @@ def test_split_reduction(dtype, recompute, splits, path):
     assert torch.equal(db_only[2], first[2])
 
 
+@pytest.mark.parametrize("splits", [None, 3])
+@pytest.mark.parametrize("activation,slope", [pytest.param("gelu", DEFAULT_SLOPE, id="gelu"),
+                                              pytest.param("leaky_relu", -0.5, id="leaky-0.5")])
+def test_split_reduction_from_preact(activation, slope, splits, path):
+    """The split dW/db reduction when backward reads z."""
+    x, w, b = inputs(130, 20, 24, torch.float64)
+    g = grad_like((130, 24), torch.float64)
+    _, z, dx, dw, db = expected_grads(g, x, w, b, activation, slope)
+    got = ops.linear_act_backward(g, x, w, b, z, activation, (True, True, True), slope, splits=splits)
+    for t, want in zip(got, (dx, dw, db)):
+        assert_close(t, want)
+
+
 @pytest.mark.parametrize("shape", [(37, 13, 16), (130, 65, 40), (5, 1, 8), (37, 13, 11), (6, 9, 1)],
                          ids=lambda s: "M{}K{}N{}".format(*s))
-def test_relu_sign_mask_input(shape, path):
-    """relu's packed 1-bit sign mask as ``out`` (what recompute=True keeps for relu) is read by the
-    kernels directly when N % 8 == 0 (unpacked first otherwise) and gives exactly the gradients of
-    the saved output."""
+@pytest.mark.parametrize("activation,slope", MASK_CASES)
+def test_sign_mask_input(activation, slope, shape, path):
+    """The packed 1-bit sign mask as ``out`` (what recompute=True keeps for relu and leaky relu)
+    is read by the kernels directly (whole bytes per row when N % 8 == 0, one bit per element
+    otherwise) and gives exactly the gradients of the saved output."""
     m, k, n = shape
     x, w, b = inputs(m, k, n, torch.float64, noncontiguous=True)
-    y = torch.relu(F.linear(x, w, b))
-    y[0, 0] = 0.0  # a kink: relu'(0) = 0
+    y = torch_act(F.linear(x, w, b), activation, slope)
+    y[0, 0] = 0.0  # a kink: relu'(0) = 0, leaky'(0) = a
     g = grad_like((m, n), torch.float64)
-    packed = sign_mask.pack(y)
+    packed = sign_mask.pack_composite(y, activation)
     assert packed.dtype == torch.uint8 and packed.shape == ((m * n + 7) // 8,)
     for splits in (None, 2):
-        from_out = ops.linear_act_backward(g, x, w, b, y, "relu", (True, True, True), splits=splits)
-        from_mask = ops.linear_act_backward(g, x, w, b, packed, "relu", (True, True, True), splits=splits)
+        from_out = ops.linear_act_backward(g, x, w, b, y, activation, (True, True, True), slope, splits=splits)
+        from_mask = ops.linear_act_backward(g, x, w, b, packed, activation, (True, True, True), slope, splits=splits)
         for a, c in zip(from_out, from_mask):
             assert torch.equal(a, c)
-    via_op = torch.ops.fused_backprop.triton_linear_act_bwd(g, x, w, b, packed, "relu", [True, True, True])
-    dz = g * (y > 0).to(g.dtype)
+    via_op = torch.ops.fused_backprop.triton_linear_act_bwd(g, x, w, b, packed, activation, [True, True, True], slope)
+    dz = torch.where(y > 0, g, g * (slope if activation == "leaky_relu" else 0.0))
     for a, c in zip(via_op, (dz @ w, dz.t() @ x, dz.sum(0))):
         assert_close(a, c)
+
+
+@pytest.mark.parametrize("n", [8, 11])
+@pytest.mark.parametrize("activation,slope", MASK_CASES[:3])
+def test_sign_mask_nan(activation, slope, n, path):
+    """From the mask, dz = g where the bit is set, else 0 for relu (also for a NaN g, as
+    threshold_backward) and a g for leaky relu (NaN stays NaN); a NaN output sets relu's bit
+    (the gradient passes) and clears leaky relu's (the slope applies)."""
+    x, w, b = inputs(9, 6, n, torch.float64)
+    y = torch_act(F.linear(x, w, b), activation, slope)
+    y[1, 2] = NAN
+    g = grad_like((9, n), torch.float64)
+    off = (y <= 0).nonzero()[0].tolist()
+    g[off[0], off[1]] = NAN
+    packed = sign_mask.pack_composite(y, activation)
+    bit = (y <= 0).logical_not() if activation == "relu" else y > 0
+    assert bit[1, 2].item() == (activation == "relu")
+    dz = torch.where(bit, g, g * slope if activation == "leaky_relu" else torch.zeros_like(g))
+    assert dz[off[0], off[1]].isnan().item() == (activation == "leaky_relu")
+    got = ops.linear_act_backward(g, x, w, b, packed, activation, (False, False, True), slope)
+    torch.testing.assert_close(got[2], dz.sum(0), equal_nan=True, **TOL[torch.float64])
 
 
 def test_sign_mask_argument_errors():
     x, w, b = inputs(5, 4, 3, torch.float64)
     g = grad_like((5, 3), torch.float64)
-    packed = sign_mask.pack(torch.relu(F.linear(x, w, b)))
-    with pytest.raises(ValueError, match="only for activation 'relu'"):
+    packed = sign_mask.pack_composite(torch.relu(F.linear(x, w, b)), "relu")
+    with pytest.raises(ValueError, match="only for activation 'relu' or 'leaky_relu'"):
         torch.ops.fused_backprop.triton_linear_act_bwd(g, x, w, b, packed, "sigmoid", [True, True, True])
+    with pytest.raises(ValueError, match="negative_slope >= 0"):  # y > 0 does not tell the branch
+        torch.ops.fused_backprop.triton_linear_act_bwd(g, x, w, b, packed, "leaky_relu", [True, True, True], -0.5)
     with pytest.raises(ValueError, match="ceil"):
         torch.ops.fused_backprop.triton_linear_act_bwd(g, x, w, b, packed[:1], "relu", [True, True, True])
 
 
-def test_relu_recompute_passes_the_sign_mask(monkeypatch):
-    """Through the public API, relu with recompute=True hands the packed mask to the kernels
-    (the backend accepts it, so nothing unpacks it to an (M, N) tensor first)."""
+@pytest.mark.parametrize("activation,slope", MASK_CASES[:3])
+def test_recompute_passes_the_sign_mask(activation, slope, monkeypatch):
+    """Through the public API, relu and leaky relu with recompute=True hand the packed mask to the
+    kernels (the backend accepts it, so nothing unpacks it to an (M, N) tensor first)."""
     assert TRITON.accepts_sign_mask
     seen = []
     backward = ops.linear_act_backward
@@ -248,7 +483,7 @@ def test_relu_recompute_passes_the_sign_mask(monkeypatch):
 
     monkeypatch.setattr(ops, "linear_act_backward", spy)
     x, w, b = inputs(9, 6, 8, torch.float64, requires_grad=True)
-    y = fb.linear_relu(x, w, b, recompute=True, backend="triton")
+    y = fb.linear_act(x, w, b, activation, negative_slope=slope, recompute=True, backend="triton")
     y.sum().backward()
     assert seen == [torch.uint8]
 
@@ -256,66 +491,105 @@ def test_relu_recompute_passes_the_sign_mask(monkeypatch):
 def test_deterministic_through_autograd():
     x, w, b = inputs(130, 65, 33, torch.float32, requires_grad=True)
     g = grad_like((130, 33), torch.float32)
-    runs = []
-    for _ in range(2):
-        y = fb.linear_sigmoid(x, w, b, backend="triton")
-        runs.append(torch.autograd.grad(y, (x, w, b), g))
-    for a, c in zip(*runs):
-        assert torch.equal(a, c)
+    for activation in ("sigmoid", "gelu"):
+        runs = []
+        for _ in range(2):
+            y = fb.linear_act(x, w, b, activation, backend="triton")
+            runs.append(torch.autograd.grad(y, (x, w, b), g))
+        for a, c in zip(*runs):
+            assert torch.equal(a, c)
 
 
 @pytest.mark.parametrize("recompute", [False, True], ids=["saved", "recompute"])
-@pytest.mark.parametrize("activation", ACTIVATIONS)
-def test_zero_in_features(activation, recompute, path):
+@pytest.mark.parametrize("activation,slope", ACT_CASES)
+def test_zero_in_features(activation, slope, recompute, path):
     """K = 0: the pre-activation is the bias (ops level; the public API's flattening is not
-    what is tested here)."""
+    what is tested here), for forward, forward_preact and backward from y, z or the sign mask."""
     x = torch.empty((4, 0), dtype=torch.float64, device=DEVICE)
     w = torch.empty((3, 0), dtype=torch.float64, device=DEVICE)
     b = torch.tensor([-1.0, 0.0, 2.0], dtype=torch.float64, device=DEVICE)
-    y = torch.ops.fused_backprop.triton_linear_act_fwd(x, w, b, activation)
-    y_ref = TORCH_ACT[activation](F.linear(x, w, b))
+    y = torch.ops.fused_backprop.triton_linear_act_fwd(x, w, b, activation, slope)
+    y_ref = torch_act(F.linear(x, w, b), activation, slope)
     assert_close(y, y_ref)
+    y2, z = torch.ops.fused_backprop.triton_linear_act_fwd_preact(x, w, b, activation, slope)
+    assert torch.equal(y2, y) and torch.equal(z, b.expand(4, 3))
     g = grad_like((4, 3), torch.float64)
-    got = ops.linear_act_backward(g, x, w, b, None if recompute else y, activation, (True, True, True))
-    _, dx, dw, db = _expected_grads(g, x, w, b, activation)
-    for t, want in zip(got, (dx, dw, db)):
-        assert t.shape == want.shape
-        assert_close(t, want)
+    outs = [None] if recompute else [kept(y, z, activation, slope)]
+    if recompute and uses_sign_mask(activation, slope):
+        outs.append(sign_mask.pack_composite(y, activation))
+    _, _, dx, dw, db = expected_grads(g, x, w, b, activation, slope)
+    for out in outs:
+        got = ops.linear_act_backward(g, x, w, b, out, activation, (True, True, True), slope)
+        for t, want in zip(got, (dx, dw, db)):
+            assert t.shape == want.shape
+            assert_close(t, want)
 
 
 # ------------------------------------------------------------------------------------------------
-# Semantics: NaN, relu'(0), sigmoid at the extremes.
+# Semantics: NaN, +-inf, extremes through the whole layer; relu'(0); sigmoid at the extremes.
 # ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", FLOATS, ids=str)
-@pytest.mark.parametrize("activation", ACTIVATIONS)
-def test_nan_propagates(dtype, activation):
-    x = torch.tensor([[float("nan"), 1.0], [0.0, 0.0], [-3.0, 2.0], [float("inf"), 0.0]], dtype=dtype, device=DEVICE)
+@pytest.mark.parametrize("activation,slope", ACT_CASES)
+def test_nan_propagates(dtype, activation, slope):
+    """NaN and inf in x and b. The reference is torch in float64 (the values here are moderate,
+    so it rounds to torch's fp32 result), because torch's fp32 CPU gelu gives NaN at +inf
+    (TORCH_CPU_ARTEFACTS)."""
+    x = torch.tensor([[NAN, 1.0], [0.0, 0.0], [-3.0, 2.0], [INF, 0.0]], dtype=dtype, device=DEVICE)
     w = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], dtype=dtype, device=DEVICE)
-    b = torch.tensor([0.0, float("nan"), 0.5], dtype=dtype, device=DEVICE)
-    y = fb.linear_act(x, w, b, activation, backend="triton")
-    y_ref = TORCH_ACT[activation](F.linear(x, w, b))
+    b = torch.tensor([0.0, NAN, 0.5], dtype=dtype, device=DEVICE)
+    y = fb.linear_act(x, w, b, activation, negative_slope=slope, backend="triton")
+    y_ref = torch_act(F.linear(x.double(), w.double(), b.double()), activation, slope).to(dtype)
     torch.testing.assert_close(y, y_ref, equal_nan=True, **TOL[dtype])
     assert torch.equal(y.isnan(), y_ref.isnan()) and y.isnan().any()
 
 
 @pytest.mark.parametrize("recompute", [False, True], ids=["saved", "recompute"])
-@pytest.mark.parametrize("activation", ACTIVATIONS)
-def test_nan_backward_matches_torch_backend(activation, recompute):
+@pytest.mark.parametrize("activation,slope", ACT_CASES)
+def test_nan_backward_matches_torch_backend(activation, slope, recompute):
     """Gradients with a NaN in x and in the incoming gradient: the same NaN pattern (and values
-    elsewhere) as the torch backend, which applies dZ = dY * act'(.) the same way."""
+    elsewhere) as the torch backend, which applies dZ = dY * act'(.) the same way. (The incoming
+    NaN sits where relu passes the gradient: from the sign mask, relu's dZ is 0 where the bit is
+    clear even for a NaN dY, as threshold_backward; test_sign_mask_nan covers that.)"""
     grads = {}
     for backend in ("triton", "torch"):
         x, w, b = inputs(9, 6, 5, torch.float64, requires_grad=False)
-        x[2, 3] = float("nan")
+        x[2, 3] = NAN
         x, w, b = (t.requires_grad_(True) for t in (x, w, b))
         g = grad_like((9, 5), torch.float64)
-        g[4, 1] = float("nan")
-        y = fb.linear_act(x, w, b, activation, recompute=recompute, backend=backend)
+        z = F.linear(x, w, b).detach()
+        row, col = (z > 0).nonzero()[0].tolist()
+        g[row, col] = NAN
+        y = fb.linear_act(x, w, b, activation, negative_slope=slope, recompute=recompute, backend=backend)
         grads[backend] = (y, *torch.autograd.grad(y, (x, w, b), g))
     for got, want in zip(grads["triton"], grads["torch"]):
         assert torch.equal(got.isnan(), want.isnan())
         torch.testing.assert_close(got, want, equal_nan=True, **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("recompute", [False, True], ids=["saved", "recompute"])
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+@pytest.mark.parametrize("activation,slope", ACT_CASES)
+def test_extremes_through_the_layer(activation, slope, dtype, recompute, path):
+    """z = b exactly (x = 0) at the special values: the layer output and db = sum_m dY * act'(z)
+    against torch's function and autograd (artefact points from float64, TORCH_CPU_ARTEFACTS), by
+    every source of act' (y or z as kept, recomputed, the sign mask). -0 does not survive the
+    GEMM (0 + -0 = +0), so it is left to test_formulas_on_special_values."""
+    b = special_values(dtype)
+    b = b[~((b == 0) & torch.signbit(b))]
+    n = b.numel()
+    x = torch.zeros((3, 4), dtype=dtype, device=DEVICE)
+    w = torch.randn((n, 4), generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(dtype).to(DEVICE)
+    g = torch.ones((3, n), dtype=dtype, device=DEVICE)
+    y, z = ops.linear_act_forward(x, w, b, activation, slope, return_preact=True)
+    assert torch.equal(z, b.expand(3, n)) or torch.equal(z.isnan(), b.isnan().expand(3, n))
+    y_ref, d_ref = torch_reference(b, activation, slope)
+    assert_same_values(y, y_ref.expand(3, n), dtype)
+    out = None if recompute else kept(y, z, activation, slope)
+    if recompute and uses_sign_mask(activation, slope):
+        out = sign_mask.pack_composite(y, activation)
+    _, _, db = ops.linear_act_backward(g, x, w, b, out, activation, (False, False, True), slope)
+    torch.testing.assert_close(db, 3 * d_ref, equal_nan=True, **TOL[dtype])
 
 
 @pytest.mark.parametrize("recompute", [False, True], ids=["saved", "recompute"])
@@ -346,74 +620,130 @@ def test_sigmoid_extremes(dtype, recompute):
     torch.testing.assert_close(x.grad, (s * (1 - s)).to(dtype), **TOL[dtype])
 
 
+@pytest.mark.parametrize("recompute", [False, True], ids=["saved", "recompute"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("activation", ["tanh", "gelu", "gelu_tanh", "silu"])
+def test_smooth_extremes(activation, dtype, recompute):
+    """Large |z| through the layer in every dtype (fp16: in its range): finite outputs and
+    gradients, as torch computes them in float64."""
+    big = 1e4 if dtype != torch.float16 else 6e4
+    z = torch.tensor([[-big, big, -100.0, 100.0, -20.0, 20.0, 0.0]], dtype=dtype, device=DEVICE)
+    x = z.clone().requires_grad_(True)
+    w = torch.eye(7, dtype=dtype, device=DEVICE, requires_grad=True)
+    y = fb.linear_act(x, w, None, activation, recompute=recompute, backend="triton")
+    z64 = z.double().requires_grad_(True)
+    y64 = torch_act(z64, activation)
+    d64, = torch.autograd.grad(y64.sum(), z64)
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y, y64.detach().to(dtype), **TOL[dtype])
+    y.sum().backward()
+    assert torch.isfinite(x.grad).all() and torch.isfinite(w.grad).all()
+    torch.testing.assert_close(x.grad, d64.to(dtype), **TOL[dtype])
+
+
 # ------------------------------------------------------------------------------------------------
 # gradcheck, opcheck, torch.compile.
 # ------------------------------------------------------------------------------------------------
 
+def gradcheck_shape(activation, slope):
+    """(M, K, N) for gradcheck, whose cost under the interpreter is one kernel launch per input
+    element: the GRID_CASES at the larger shape, the other activations at a smaller one."""
+    return (6, 5, 4) if (activation, slope) in [p.values for p in GRID_CASES] else (4, 3, 3)
+
+
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("recompute", [False, True], ids=["saved", "recompute"])
-@pytest.mark.parametrize("activation", ACTIVATIONS)
-def test_gradcheck(activation, recompute, bias):
-    x, w, b = inputs(6, 5, 4, torch.float64, bias=bias, requires_grad=True, seed=3)
+@pytest.mark.parametrize("activation,slope", ACT_CASES)
+def test_gradcheck(activation, slope, recompute, bias):
+    x, w, b = inputs(*gradcheck_shape(activation, slope), torch.float64, bias=bias, requires_grad=True, seed=3)
     args = (x, w) if b is None else (x, w, b)
-    fn = lambda x, w, b=None: fb.linear_act(x, w, b, activation, recompute=recompute, backend="triton")  # noqa: E731
+
+    def fn(x, w, b=None):
+        return fb.linear_act(x, w, b, activation, negative_slope=slope, recompute=recompute, backend="triton")
+
     assert torch.autograd.gradcheck(fn, args)
 
 
-@pytest.mark.parametrize("activation", ACTIVATIONS)
-def test_gradcheck_op_autograd(activation):
-    """The op-level autograd registered on triton_linear_act_fwd."""
-    x, w, b = inputs(6, 5, 4, torch.float64, requires_grad=True, seed=4)
-    fn = lambda x, w, b: torch.ops.fused_backprop.triton_linear_act_fwd(x, w, b, activation)  # noqa: E731
-    assert torch.autograd.gradcheck(fn, (x, w, b))
+@pytest.mark.parametrize("activation,slope", ACT_CASES)
+def test_gradcheck_op_autograd(activation, slope):
+    """The op-level autograd registered on triton_linear_act_fwd and triton_linear_act_fwd_preact
+    (whose z output gets a gradient of its own)."""
+    x, w, b = inputs(*gradcheck_shape(activation, slope), torch.float64, requires_grad=True, seed=4)
+    for op in (torch.ops.fused_backprop.triton_linear_act_fwd, torch.ops.fused_backprop.triton_linear_act_fwd_preact):
+        assert torch.autograd.gradcheck(lambda x, w, b, op=op: op(x, w, b, activation, slope), (x, w, b))
 
 
 def _opcheck_fwd_samples():
-    for activation in ACTIVATIONS:
+    for param in ACT_CASES:
+        activation, slope = param.values
         for bias in (True, False):
             for nc in (False, True):
                 x, w, b = inputs(7, 5, 3, torch.float32, bias=bias, noncontiguous=nc, requires_grad=True)
-                yield (x, w, b, activation)
+                yield (x, w, b, activation, slope)
 
 
 def _opcheck_bwd_samples():
-    for activation in ACTIVATIONS:
+    for param in ACT_CASES:
+        activation, slope = param.values
         for recompute in (False, True):
             for mask in ([True, True, True], [True, False, True], [False, True, False]):
                 for requires_grad in (False, True):
                     if requires_grad and mask != [True, True, True]:
                         continue
                     x, w, b = inputs(7, 5, 3, torch.float64, requires_grad=requires_grad)
-                    y = None if recompute else \
-                        TORCH_ACT[activation](F.linear(x, w, b)).detach().requires_grad_(requires_grad)
+                    out = None
+                    if not recompute:
+                        z = F.linear(x, w, b).detach()
+                        out = kept(torch_act(z, activation, slope), z, activation, slope).requires_grad_(requires_grad)
                     g = grad_like((7, 3), torch.float64).requires_grad_(requires_grad)
-                    yield (g, x, w, b, y, activation, mask)
+                    yield (g, x, w, b, out, activation, mask, slope)
     x, w, _ = inputs(7, 5, 3, torch.float32, bias=False, noncontiguous=True)
-    yield (grad_like((7, 3), torch.float32), x, w, None, None, "relu", [True, True, True])
-    for n in (3, 8):
-        x, w, b = inputs(7, 5, n, torch.float32)
-        packed = sign_mask.pack(torch.relu(F.linear(x, w, b)))
-        yield (grad_like((7, n), torch.float32), x, w, b, packed, "relu", [True, True, True])
+    yield (grad_like((7, 3), torch.float32), x, w, None, None, "relu", [True, True, True], DEFAULT_SLOPE)
+    for param in MASK_CASES[:3]:
+        activation, slope = param.values
+        for n in (3, 8):
+            x, w, b = inputs(7, 5, n, torch.float32)
+            packed = sign_mask.pack_composite(torch_act(F.linear(x, w, b), activation, slope), activation)
+            yield (grad_like((7, n), torch.float32), x, w, b, packed, activation, [True, True, True], slope)
 
 
-@pytest.mark.parametrize("i", range(len(list(_opcheck_fwd_samples()))))
+OPCHECK_FWD = list(_opcheck_fwd_samples())
+OPCHECK_BWD = list(_opcheck_bwd_samples())
+
+
+@pytest.mark.parametrize("i", range(len(OPCHECK_FWD)))
 def test_opcheck_fwd(i):
-    args = list(_opcheck_fwd_samples())[i]
-    torch.library.opcheck(torch.ops.fused_backprop.triton_linear_act_fwd, args)
+    torch.library.opcheck(torch.ops.fused_backprop.triton_linear_act_fwd, OPCHECK_FWD[i])
 
 
-@pytest.mark.parametrize("i", range(len(list(_opcheck_bwd_samples()))))
+@pytest.mark.parametrize("i", range(len(OPCHECK_FWD)))
+def test_opcheck_fwd_preact(i):
+    torch.library.opcheck(torch.ops.fused_backprop.triton_linear_act_fwd_preact, OPCHECK_FWD[i])
+
+
+@pytest.mark.parametrize("i", range(len(OPCHECK_BWD)))
 def test_opcheck_bwd(i):
-    args = list(_opcheck_bwd_samples())[i]
-    torch.library.opcheck(torch.ops.fused_backprop.triton_linear_act_bwd, args)
+    torch.library.opcheck(torch.ops.fused_backprop.triton_linear_act_bwd, OPCHECK_BWD[i])
 
 
-@pytest.mark.parametrize("activation", ACTIVATIONS)
-def test_compile_fused_mlp_fullgraph(activation):
+def test_op_schemas_match_the_compiled_ops():
+    """The Triton ops take the compiled ops' arguments (negative_slope trailing, default 0.01)."""
+    for name in ("linear_act_fwd", "linear_act_fwd_preact", "linear_act_bwd"):
+        schema = getattr(torch.ops.fused_backprop, "triton_" + name).default._schema
+        args = schema.arguments
+        assert args[-1].name == "negative_slope" and args[-1].default_value == DEFAULT_SLOPE
+        assert len(schema.returns) == {"linear_act_fwd": 1, "linear_act_fwd_preact": 2, "linear_act_bwd": 3}[name]
+        if hasattr(torch.ops.fused_backprop, name):
+            compiled = getattr(torch.ops.fused_backprop, name).default._schema
+            assert [a.name for a in compiled.arguments] == [a.name for a in args]
+
+
+@pytest.mark.parametrize("activation,slope", [p for p in ACT_CASES if p.values[1] in (DEFAULT_SLOPE, -0.5)])
+def test_compile_fused_mlp_fullgraph(activation, slope):
     torch._dynamo.reset()
     torch.manual_seed(0)
-    mlp = fb.FusedMLP([5, 8, 3], activation=activation, backend="triton", device=DEVICE)
-    ref = fb.FusedMLP([5, 8, 3], activation=activation, backend="torch", device=DEVICE)
+    mlp = fb.FusedMLP([5, 8, 3], activation=activation, negative_slope=slope, backend="triton", device=DEVICE)
+    ref = fb.FusedMLP([5, 8, 3], activation=activation, negative_slope=slope, backend="torch", device=DEVICE)
     ref.load_state_dict(mlp.state_dict())
     x = torch.randn(6, 5, device=DEVICE)
 
@@ -447,21 +777,24 @@ def test_compile_fused_mlp_fullgraph(activation):
 # 16-bit inputs.
 # ------------------------------------------------------------------------------------------------
 
+FP16_CASES = [pytest.param(*p.values, (37, 13, 11), id=f"{p.id}-M37K13N11") for p in ACT_CASES] + [
+    pytest.param(*p.values, (130, 65, 33), id=f"{p.id}-M130K65N33") for p in GRID_CASES]
+
+
 @pytest.mark.parametrize("recompute", [False, True], ids=["saved", "recompute"])
-@pytest.mark.parametrize("shape", [(37, 13, 11), (130, 65, 33)], ids=["M37K13N11", "M130K65N33"])
-@pytest.mark.parametrize("activation", ACTIVATIONS)
-def test_fp16_parity(activation, shape, recompute):
+@pytest.mark.parametrize("activation,slope,shape", FP16_CASES)
+def test_fp16_parity(activation, slope, shape, recompute):
     """fp16 inputs, fp32 accumulation: against float64 math on the same fp16 values, with fp16
     tolerances (one rounding of the output, dZ rounded to fp16 before the backward GEMMs as the
-    torch backend does)."""
+    torch backend does; z kept in fp16 where backward takes act' from it)."""
     m, k, n = shape
     x, w, b = inputs(m, k, n, torch.float16, requires_grad=True)
     g = grad_like((m, n), torch.float16)
-    y = fb.linear_act(x, w, b, activation, recompute=recompute, backend="triton")
+    y = fb.linear_act(x, w, b, activation, negative_slope=slope, recompute=recompute, backend="triton")
     assert y.dtype == torch.float16
     grads = torch.autograd.grad(y, (x, w, b), g)
     x64, w64, b64 = (t.detach().double().requires_grad_(True) for t in (x, w, b))
-    y64 = TORCH_ACT[activation](F.linear(x64, w64, b64))
+    y64 = torch_act(F.linear(x64, w64, b64), activation, slope)
     grads64 = torch.autograd.grad(y64, (x64, w64, b64), g.double())
     assert_close(y, y64, dtype=torch.float16)
     for got, want in zip(grads, grads64):
@@ -479,14 +812,14 @@ def test_bf16_refused_by_interpreter():
 @pytest.mark.skip(reason="bfloat16 is not supported by the Triton interpreter") if INTERPRET else \
     pytest.mark.skipif(not torch.cuda.is_available(), reason="bfloat16 Triton kernels need a CUDA GPU")
 @pytest.mark.parametrize("recompute", [False, True], ids=["saved", "recompute"])
-@pytest.mark.parametrize("activation", ACTIVATIONS)
-def test_bf16_parity_gpu(activation, recompute):
+@pytest.mark.parametrize("activation,slope", ACT_CASES)
+def test_bf16_parity_gpu(activation, slope, recompute):
     x, w, b = sample_inputs(257, 130, 65, dtype=torch.bfloat16, device="cuda", requires_grad=True)
     g = grad_like((257, 65), torch.bfloat16)
-    y = fb.linear_act(x, w, b, activation, recompute=recompute, backend="triton")
+    y = fb.linear_act(x, w, b, activation, negative_slope=slope, recompute=recompute, backend="triton")
     grads = torch.autograd.grad(y, (x, w, b), g)
     x64, w64, b64 = (t.detach().double().requires_grad_(True) for t in (x, w, b))
-    y64 = TORCH_ACT[activation](F.linear(x64, w64, b64))
+    y64 = torch_act(F.linear(x64, w64, b64), activation, slope)
     grads64 = torch.autograd.grad(y64, (x64, w64, b64), g.double())
     assert_close(y, y64, dtype=torch.bfloat16)
     for got, want in zip(grads, grads64):
@@ -528,6 +861,25 @@ def test_autotune_configs():
             assert len(kernel.configs) == 1
 
 
+def test_spill_table_names_real_configs_and_variants():
+    """kernels.SPILLS (checked against ptxas by test_aot_compile_sm80_sm90_no_spills with
+    FUSED_BACKPROP_AOT_ALL=1) names only configs the kernels have and variants the backend
+    launches, and the narrow kernel's fallback follows it."""
+    for (role, family, tile), variants in kernels.SPILLS.items():
+        tiles = kernels.NARROW_TILES if role == "narrow" else kernels.TILES[(role, family)]
+        assert tile in tiles and (role != "narrow" or family == "hopper"), (role, family, tile)
+        assert variants <= {kernels.spill_variant(role, ce) for ce in kernels.launch_variants(role)}, variants
+    for ce in kernels.launch_variants("narrow"):
+        variant = kernels.spill_variant("narrow", ce)
+        spill_everywhere = all(variant in kernels.SPILLS.get(("narrow", "hopper", t), ()) for t in kernels.NARROW_TILES)
+        assert kernels.narrow_spill_free(ce["ACT"], ce["MODE"], ce.get("BYTE_ROWS", True)) != spill_everywhere
+    assert kernels.spill_variant("fwd", dict(ACT=kernels.ACTIVATION_CODES["gelu"], STORE_PREACT=True)) == "gelu+z"
+    assert kernels.spill_variant("dx", dict(ACT=0, MODE=kernels.MODE_RECOMPUTE.value)) == "dz"
+    leaky_mask = dict(ACT=kernels.ACTIVATION_CODES["leaky_relu"], MODE=kernels.MODE_SIGN_MASK.value)
+    assert kernels.spill_variant("dw", leaky_mask) == "leaky_relu:mask"
+    assert kernels.spill_variant("dw", dict(leaky_mask, BYTE_ROWS=False)) == "leaky_relu:mask-bits"
+
+
 def test_allow_tf32_switch():
     assert ops._input_precision(torch.float32) == "ieee"  # default: exact fp32 products
     assert ops._input_precision(torch.float64) == "ieee"
@@ -542,7 +894,9 @@ def test_allow_tf32_switch():
 def test_op_argument_errors():
     x, w, b = inputs(4, 3, 2, torch.float32)
     with pytest.raises(ValueError, match="activation"):
-        torch.ops.fused_backprop.triton_linear_act_fwd(x, w, b, "tanh")
+        torch.ops.fused_backprop.triton_linear_act_fwd(x, w, b, "swish")
+    with pytest.raises(ValueError, match="activation"):
+        torch.ops.fused_backprop.triton_linear_act_fwd_preact(x, w, b, "gelu_erf")
     with pytest.raises(ValueError, match="weight"):
         torch.ops.fused_backprop.triton_linear_act_fwd(x, w.t(), b, "relu")
     with pytest.raises(ValueError, match="bias"):
@@ -564,11 +918,12 @@ os.environ.pop("TRITON_INTERPRET", None)
 import triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from fused_backprop.activations import NAMES
 from fused_backprop.triton import kernels as K
 
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 # strides a contiguous launch passes as 1 (Triton specializes them to constants)
-UNIT = {"stride_xk", "stride_wk", "stride_b", "stride_on", "stride_dyn", "stride_dzn", "stride_vn",
+UNIT = {"stride_xk", "stride_wk", "stride_b", "stride_on", "stride_pn", "stride_dyn", "stride_dzn", "stride_vn",
         "stride_dxk", "stride_dwk", "stride_db"}
 ROLE = {"_linear_act_forward_kernel": "fwd", "_linear_act_backward_dz_kernel": "dz",
         "_linear_act_backward_dx_kernel": "dx", "_linear_act_backward_dw_kernel": "dw"}
@@ -589,6 +944,8 @@ def compile_report(kernel, ptrs, constexprs, cfg, arch):
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif name in UNIT:
             sig[name], consts[name] = "constexpr", 1
+        elif name == "negative_slope":
+            sig[name] = "fp64"
         else:
             sig[name] = "i32"
             attrs[(i,)] = [["tt.divisibility", 16]]
@@ -607,73 +964,113 @@ def compile_report(kernel, ptrs, constexprs, cfg, arch):
                 tc="wgmma" if "wgmma" in ptx else "mma" if "mma.sync" in ptx else "fma")
 
 every = sys.argv[1] == "all"
+only = sys.argv[2:]  # families to compile (default: all); "all" mode is split over processes this way
 acc = {"bf16": tl.float32, "fp16": tl.float32, "fp32": tl.float32}
+A = K.ACTIVATION_CODES
+# Without FUSED_BACKPROP_AOT_ALL: the variants with the most registers per kind of launch, each at
+# the first config the autotuner may pick for it. With it: every variant the backend launches at
+# every config (what kernels.SPILLS is checked against).
+FIRST = {"fwd": ["sigmoid", "gelu", "gelu_tanh+z"], "dz": ["sigmoid", "gelu_tanh"],
+         "dx": ["sigmoid:output", "leaky_relu:mask", "leaky_relu:mask-bits", "gelu_tanh:preact"],
+         "dw": ["sigmoid:output", "relu:mask", "relu:mask-bits", "gelu:preact"],
+         "narrow": ["sigmoid:output", "gelu_tanh:recompute", "relu:mask", "leaky_relu:mask", "relu:mask-bits",
+                    "gelu_tanh:preact"]}
+
+def ptrs_of(role, dt, mask):
+    v = "u8" if mask else dt
+    return {"fwd": dict(x_ptr=dt, w_ptr=dt, b_ptr=dt, out_ptr=dt, preact_ptr=dt),
+            "dz": dict(x_ptr=dt, w_ptr=dt, b_ptr=dt, dy_ptr=dt, dz_ptr=dt),
+            "dx": dict(dy_ptr=dt, v_ptr=v, w_ptr=dt, dx_ptr=dt),
+            "dw": dict(dy_ptr=dt, v_ptr=v, x_ptr=dt, dw_ptr="fp32", db_ptr="fp32"),
+            "narrow": dict(dy_ptr=dt, v_ptr=v, x_ptr=dt, w_ptr=dt, b_ptr=dt, dx_ptr=dt, dw_ptr="fp32",
+                           db_ptr="fp32")}[role]
+
+FIXED = {"fwd": dict(HAS_BIAS=True, EVEN_K=True), "dz": dict(HAS_BIAS=True, EVEN_K=True),
+         "dx": dict(EVEN_N=True, BYTE_ROWS=True), "dw": dict(COMPUTE_DW=True, COMPUTE_DB=True, BYTE_ROWS=True),
+         "narrow": dict(HAS_BIAS=True, COMPUTE_DX=True, COMPUTE_DW=True, COMPUTE_DB=True, BYTE_ROWS=True,
+                        BLOCK_N=K.NARROW_MAX, BLOCK_K=K.NARROW_MAX)}
+KERNEL = {"fwd": K._linear_act_forward_kernel, "dz": K._linear_act_backward_dz_kernel,
+          "dx": K._linear_act_backward_dx_kernel, "dw": K._linear_act_backward_dw_kernel,
+          "narrow": K._linear_act_backward_narrow_kernel}
+
+def run(role, arch, family, dt, prec):
+    kernel = KERNEL[role]
+    configs = kernel.configs if role == "narrow" else [c for c in kernel.configs if K._FAMILY[id(c)] == family]
+    variants = K.launch_variants(role)
+    assert set(FIRST[role]) <= {K.spill_variant(role, ce) for ce in variants}, FIRST[role]
+    for ce in variants:
+        variant = K.spill_variant(role, ce)
+        if every:
+            chosen = configs
+        elif variant in FIRST[role]:  # the first config the autotuner's pruning leaves for the variant
+            chosen = [c for c in configs if K.spill_free(role, family, K.config_tile(role, c), variant)][:1]
+        else:
+            continue
+        for cfg in chosen:
+            consts = {**FIXED[role], **ce, "ACC_DTYPE": acc[dt], "INPUT_PRECISION": prec}
+            rep = compile_report(kernel, ptrs_of(role, dt, ce.get("MODE") == K.MODE_SIGN_MASK.value), consts, cfg,
+                                 arch)
+            print(json.dumps(dict(rep, role=role, kernel=jit_fn(kernel).__name__, arch=arch, family=family, dtype=dt,
+                                  tile=K.config_tile(role, cfg), variant=variant)), flush=True)
+
 for arch, family, dt, prec in ((80, "ampere", "bf16", "tf32"), (90, "hopper", "bf16", "tf32"),
                                (80, "fma", "fp32", "ieee"), (90, "fma", "fp32", "ieee")):
-    for kernel, ptrs, ce in (
-        (K._linear_act_forward_kernel, dict(x_ptr=dt, w_ptr=dt, b_ptr=dt, out_ptr=dt),
-         dict(ACT=1, HAS_BIAS=True, EVEN_K=True)),
-        (K._linear_act_backward_dz_kernel, dict(x_ptr=dt, w_ptr=dt, b_ptr=dt, dy_ptr=dt, dz_ptr=dt),
-         dict(ACT=1, HAS_BIAS=True, EVEN_K=True)),
-        (K._linear_act_backward_dx_kernel, dict(dy_ptr=dt, v_ptr=dt, w_ptr=dt, dx_ptr=dt),
-         dict(ACT=1, MODE=1, EVEN_N=True)),
-        (K._linear_act_backward_dw_kernel, dict(dy_ptr=dt, v_ptr=dt, x_ptr=dt, dw_ptr="fp32", db_ptr="fp32"),
-         dict(ACT=1, MODE=1, COMPUTE_DW=True, COMPUTE_DB=True)),
-        # relu's packed sign mask as the source of act'
-        (K._linear_act_backward_dx_kernel, dict(dy_ptr=dt, v_ptr="u8", w_ptr=dt, dx_ptr=dt),
-         dict(ACT=0, MODE=2, EVEN_N=True)),
-        (K._linear_act_backward_dw_kernel, dict(dy_ptr=dt, v_ptr="u8", x_ptr=dt, dw_ptr="fp32", db_ptr="fp32"),
-         dict(ACT=0, MODE=2, COMPUTE_DW=True, COMPUTE_DB=True)),
-    ):
-        name = jit_fn(kernel).__name__
-        configs = [c for c in kernel.configs if K._FAMILY[id(c)] == family]
-        if ce.get("MODE") == 2:  # what the autotuner's pruning leaves for the sign-mask mode
-            role = ROLE[name]
-            configs = [c for c in configs if (role, family, K.config_tile(role, c)) not in K.SIGN_MASK_SPILLS]
-        for cfg in (configs if every else configs[:1]):
-            rep = compile_report(kernel, ptrs, dict(ce, ACC_DTYPE=acc[dt], INPUT_PRECISION=prec), cfg, arch)
-            print(json.dumps(dict(rep, kernel=name, arch=arch, family=family, dtype=dt, config=cfg.kwargs,
-                                  warps=cfg.num_warps, stages=cfg.num_stages, mode=ce.get("MODE"))), flush=True)
-
-# the single-pass narrow backward: used on sm_90+ for 16-bit inputs only
-kernel = K._linear_act_backward_narrow_kernel
-for recompute, mask in ((False, False), (True, False), (False, True)):
-    for cfg in (kernel.configs if every else kernel.configs[:1]):
-        ptrs = dict(dy_ptr="bf16", v_ptr="u8" if mask else "bf16", x_ptr="bf16", w_ptr="bf16", b_ptr="bf16",
-                    dx_ptr="bf16", dw_ptr="fp32", db_ptr="fp32")
-        ce = dict(ACT=0 if mask else 1, RECOMPUTE=recompute, SIGN_MASK=mask, HAS_BIAS=True,
-                  COMPUTE_DX=True, COMPUTE_DW=True, COMPUTE_DB=True,
-                  ACC_DTYPE=tl.float32, INPUT_PRECISION="tf32", BLOCK_N=K.NARROW_MAX, BLOCK_K=K.NARROW_MAX)
-        rep = compile_report(kernel, ptrs, ce, cfg, 90)
-        print(json.dumps(dict(rep, kernel=jit_fn(kernel).__name__, arch=90, family="hopper", dtype="bf16",
-                              config=cfg.kwargs, warps=cfg.num_warps, stages=cfg.num_stages)), flush=True)
+    if only and family not in only:
+        continue
+    for role in ("fwd", "dz", "dx", "dw"):
+        run(role, arch, family, dt, prec)
+    if family == "hopper":  # the single-pass narrow backward: used on sm_90+ for 16-bit inputs only
+        run("narrow", 90, "hopper", "bf16", "tf32")
 """
 
 
 @pytest.mark.skipif(not INTERPRET and torch.cuda.is_available(), reason="on a GPU the kernels run for real")
 def test_aot_compile_sm80_sm90_no_spills():
-    """Each kernel's first config per family (every config with FUSED_BACKPROP_AOT_ALL=1) compiles
-    for sm_80 and sm_90 with no register spills, within the shared memory of an A100 / H100, on
-    tensor cores for bf16 (mma.sync on sm_80, wgmma on sm_90); the single-pass narrow backward
-    likewise for sm_90 bf16, the only place it runs on a GPU."""
+    """The kernels compile for sm_80 and sm_90 within the shared memory of an A100 / H100, on
+    tensor cores for bf16 (mma.sync on sm_80, wgmma on sm_90), and with no register spills at the
+    first config the autotuner may pick for the heaviest launch variants (the single-pass narrow
+    backward likewise for sm_90 bf16, the only place it runs on a GPU). With
+    FUSED_BACKPROP_AOT_ALL=1: every variant at every config, and kernels.SPILLS names exactly the
+    (config, variant) pairs that spill (the message prints the table when it does not); every
+    variant keeps a spill-free config in each family (the narrow kernel: or the backend does not
+    run it, ``narrow_spill_free``)."""
     import json
     import subprocess
     import sys
-
-    import triton
 
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     if not os.path.exists(ptxas):
         pytest.skip("this triton has no bundled ptxas")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    mode = "all" if os.environ.get("FUSED_BACKPROP_AOT_ALL") == "1" else "first"
-    proc = subprocess.run([sys.executable, "-c", AOT_SCRIPT, mode], capture_output=True, text=True, env=env,
-                          timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    reports = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert len(reports) >= 27
+    every = os.environ.get("FUSED_BACKPROP_AOT_ALL") == "1"
+    groups = [["ampere"], ["hopper"], ["fma"]] if every else [[]]
+    procs = [subprocess.Popen([sys.executable, "-c", AOT_SCRIPT, "all" if every else "first", *families],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for families in groups]
+    reports = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=3600)
+        assert proc.returncode == 0, err[-3000:]
+        reports += [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert len(reports) >= (1000 if every else 50)
     limit = {80: 163 * 1024, 90: 227 * 1024}
     for r in reports:
-        assert r["spill"] == 0, r
         assert r["shared"] <= limit[r["arch"]], r
         assert r["tc"] == ("fma" if r["family"] == "fma" else "wgmma" if r["arch"] == 90 else "mma"), r
+    if not every:
+        for r in reports:
+            assert r["spill"] == 0, r
+        return
+    spills = {}
+    for r in reports:
+        if r["spill"]:
+            spills.setdefault((r["role"], r["family"], tuple(r["tile"])), set()).add(r["variant"])
+    found = {key: frozenset(v) for key, v in spills.items()}
+    table = "".join(f"    {key!r}:\n        frozenset({sorted(v)!r}),\n" for key, v in sorted(found.items()))
+    assert found == kernels.SPILLS, "kernels.SPILLS should be:\n{\n" + table + "}"
+    for role in ("fwd", "dz", "dx", "dw"):
+        for family in ("ampere", "hopper", "fma"):
+            for ce in kernels.launch_variants(role):
+                v = kernels.spill_variant(role, ce)
+                tiles = kernels.TILES[(role, family)]
+                assert any(kernels.spill_free(role, family, t, v) for t in tiles), (role, family, v)

@@ -3,6 +3,7 @@ backend every other one falls back to when a graph is built in backward (double 
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 
 from ..activations import ACTIVATIONS, saves_output
@@ -20,12 +21,11 @@ def forward_preact(x, weight, bias, activation, negative_slope):
 
 def backward(grad_out, x, weight, bias, out, activation, output_mask, negative_slope):
     act = ACTIVATIONS[activation]
-    if out is None:
-        dz = grad_out * act.grad_from_preact(F.linear(x, weight, bias), negative_slope)
-    elif saves_output(activation, negative_slope):
-        dz = grad_out * act.grad_from_output(out, negative_slope)
-    else:
-        dz = grad_out * act.grad_from_preact(out, negative_slope)
+    v = F.linear(x, weight, bias) if out is None else out
+    grad = act.grad_from_output if out is not None and saves_output(activation, negative_slope) else act.grad_from_preact
+    # act' in float for 16-bit types, as torch's own backward kernels (z² overflows float16 at 256)
+    wide = v.float() if v.dtype in (torch.float16, torch.bfloat16) else v
+    dz = grad_out * grad(wide, negative_slope).to(v.dtype)
     dx = dz.mm(weight) if output_mask[0] else None
     dw = dz.t().mm(x) if output_mask[1] else None
     db = dz.sum(0) if output_mask[2] and bias is not None else None
