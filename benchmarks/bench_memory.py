@@ -1,8 +1,8 @@
 """Memory benchmark: what each way of training an MLP stack keeps for backward, its peak memory
 and its step time.
 
-The model is ``--blocks`` consecutive blocks of ``--layers`` Linear+ReLU layers of width
-``--width`` (default 8 x 4 x 1024, batch 4096, float32), trained as:
+The model is ``--blocks`` consecutive blocks of ``--layers`` Linear+activation layers (``--activation``,
+default relu) of width ``--width`` (default 8 x 4 x 1024, batch 4096, float32), trained as:
 
   eager       nn.Sequential of nn.Linear + nn.ReLU
   checkpoint  the same, each block under torch.utils.checkpoint (use_reentrant=False)
@@ -53,16 +53,23 @@ class Checkpointed(nn.Module):
         return checkpoint(self.block, x, use_reentrant=False)
 
 
-def build(variant, blocks, layers, width, device):
+def activation_module(activation: str) -> nn.Module:
+    """torch's module for ``activation`` (nn.ReLU, nn.GELU(approximate="tanh"), ...), default parameters."""
+    spec = fb.activations.ACTIVATIONS[activation]
+    return spec.modules[0](**{k: v for k, v in spec.params.items() if v is not None})
+
+
+def build(variant, blocks, layers, width, device, activation="relu"):
     def eager_block():
-        return nn.Sequential(*[m for _ in range(layers) for m in (nn.Linear(width, width), nn.ReLU())])
+        return nn.Sequential(*[m for _ in range(layers) for m in (nn.Linear(width, width),
+                                                                   activation_module(activation))])
 
     if variant == "eager":
         return nn.Sequential(*[eager_block() for _ in range(blocks)]).to(device)
     if variant == "checkpoint":
         return nn.Sequential(*[Checkpointed(eager_block()) for _ in range(blocks)]).to(device)
     mode = variant.removeprefix("fused-")
-    return nn.Sequential(*[fb.FusedMLP([width] * (layers + 1), "relu", recompute=mode, device=device)
+    return nn.Sequential(*[fb.FusedMLP([width] * (layers + 1), activation, recompute=mode, device=device)
                            for _ in range(blocks)])
 
 
@@ -88,10 +95,10 @@ def saved_bytes(model, x):
     return sum(storages.values())
 
 
-def measure(variant, blocks, layers, width, batch, steps, device):
+def measure(variant, blocks, layers, width, batch, steps, device, activation="relu"):
     """One variant, in this process: saved bytes, step peak bytes, median step seconds."""
     torch.manual_seed(0)
-    model = build(variant, blocks, layers, width, device)
+    model = build(variant, blocks, layers, width, device, activation)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     x = torch.randn(batch, width, device=device)
 
@@ -126,13 +133,13 @@ def measure(variant, blocks, layers, width, batch, steps, device):
                 step_s=statistics.median(times), block_input_bytes=blocks * batch * width * x.element_size())
 
 
-def single_layer_rows(width, batch, device):
-    """What one Linear+ReLU layer keeps when its consumer keeps nothing: its output, or with
-    recompute=True relu's 1-bit sign mask."""
+def single_layer_rows(width, batch, device, activation="relu"):
+    """What one fused layer keeps when its consumer keeps nothing: its output (or the
+    pre-activation: gelu, silu), or with recompute=True relu's 1-bit sign mask (or nothing)."""
     x = torch.randn(batch, width, device=device, requires_grad=True)
     rows = []
     for recompute in (False, True):
-        layer = fb.FusedLinearReLU(width, width, recompute=recompute, device=device)
+        layer = fb.FusedLinearAct(width, width, recompute=recompute, device=device, activation=activation)
         rows.append(dict(variant=f"one layer, recompute={recompute}",
                          saved_bytes=saved_bytes(nn.Sequential(layer), x) - x.numel() * x.element_size()))
     return rows
@@ -141,7 +148,7 @@ def single_layer_rows(width, batch, device):
 def run_in_subprocess(variant, args) -> dict:
     cmd = [sys.executable, __file__, "--child", variant, "--blocks", str(args.blocks), "--layers", str(args.layers),
            "--width", str(args.width), "--batch", str(args.batch), "--steps", str(args.steps),
-           "--device", args.device]
+           "--device", args.device, "--activation", args.activation]
     # A fixed mmap threshold makes glibc map every large block and unmap it on free, so the
     # resident size follows the live tensors (its default, dynamic threshold keeps freed blocks).
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
@@ -157,6 +164,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=4096)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--activation", choices=fb.ACTIVATIONS, default="relu")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--quick", action="store_true", help="2 blocks of width 128, batch 256")
     p.add_argument("--csv", type=Path, default=DEFAULT_CSV)
@@ -173,11 +181,11 @@ def main(argv=None) -> int:
         p.error(f"--variants must be a comma-separated subset of {','.join(VARIANTS)}, got {unknown}")
     if args.child:
         print(json.dumps(measure(args.child, args.blocks, args.layers, args.width, args.batch, args.steps,
-                                 torch.device(args.device))))
+                                 torch.device(args.device), args.activation)))
         return 0
 
     mib = 2 ** 20
-    print(f"{args.blocks} blocks x {args.layers} Linear+ReLU layers, width {args.width}, batch {args.batch}, "
+    print(f"{args.blocks} blocks x {args.layers} Linear+{args.activation} layers, width {args.width}, batch {args.batch}, "
           f"float32, {args.device}, {torch.get_num_threads()} threads; median of {args.steps} steps")
     print(f"{'variant':<13}{'saved MiB':>11}{'saved/inputs':>14}{'peak MiB':>10}{'step ms':>10}")
     rows = []
@@ -186,8 +194,8 @@ def main(argv=None) -> int:
         rows.append(r)
         print(f"{variant:<13}{r['saved_bytes'] / mib:>11.1f}{r['saved_bytes'] / r['block_input_bytes']:>14.2f}"
               f"{r['peak_step_bytes'] / mib:>10.1f}{r['step_s'] * 1e3:>10.1f}", flush=True)
-    print("\nsaved beyond the input by one Linear+ReLU layer whose output nobody else keeps:")
-    for r in single_layer_rows(args.width, args.batch, torch.device(args.device)):
+    print(f"\nsaved beyond the input by one Linear+{args.activation} layer whose output nobody else keeps:")
+    for r in single_layer_rows(args.width, args.batch, torch.device(args.device), args.activation):
         print(f"  {r['variant']:<28}{r['saved_bytes'] / mib:>9.2f} MiB")
     write_csv(rows, args.csv, columns=rows[0])
     print(f"wrote {args.csv}")

@@ -65,7 +65,9 @@ def test_kernels_at_level(level, tmp_path):
 _PREFIXES = {"26", "2e", "36", "3e", "64", "65", "66", "67", "f0", "f2", "f3"}
 # A function of namespace fused_backprop::cpu::<LEVEL> (or a template instantiated for one, or a
 # lambda in one): its mangled name holds "3cpu" + the length-prefixed level.
-_LEVEL_IN_NAME = re.compile(r"3cpu(?:7DEFAULT|4AVX2|6AVX512)")
+# A level's namespace in a mangled name: ours (fused_backprop::cpu::<LEVEL>) or at::vec's
+# (at::vec::<LEVEL>, whose inline functions only the TU of that level instantiates).
+_LEVEL_IN_NAME = re.compile(r"(?:3cpu|2at3vec)(?:7|4|6)(DEFAULT|AVX2|AVX512)")
 
 
 def simd_escapes(library: str) -> Counter:
@@ -99,7 +101,7 @@ def simd_escapes(library: str) -> Counter:
         enc = "EVEX" if code[i] == "62" else "VEX"
         symbol = func.split("@")[0]
         level = _LEVEL_IN_NAME.search(symbol)
-        level = level.group(0)[5:] if level else None
+        level = level.group(1) if level else None
         if symbol.startswith("_GLOBAL__sub_I") or "_GLOBAL__I" in symbol:
             escapes[(symbol, enc)] += 1
         elif level is None:
