@@ -432,41 +432,34 @@ void bwd_bwd_kernel(const T* g, const T* x, const T* w, const T* b, const T* y, 
         T *t_i = t + i * n, *dz_i = dz + i * n;
         const T* g_i = g_c + i * n;
         const T* v = recompute ? dz_i : y != nullptr ? y + (c0 + i) * n : nullptr;  // null: the sign mask
-        const T* bias = recompute ? b : nullptr;
-        if (ggb != nullptr) map_row(n, []<typename M, typename V>(V tv, V bt) { return tv + bt; }, t_i, t_i, ggb);
-        if (g_g != nullptr) {
-          T* gg_i = g_g + (c0 + i) * n;
+        // The values act' and act'' are read from, and what to add to them: b to a recomputed z;
+        // otherwise v again, which the derivatives below do not read.
+        const T* add = recompute ? b : v;
+        const auto d1 = [a, recompute]<typename M, typename V>(V vv, V bb) {
+          return recompute ? Act<A>::template grad_from_preact<V, M>(vv + bb, V(a)) : grad_from_saved<A, V, M>(vv, V(a));
+        };
+        // out = f ⊙ act'(·), from the sign mask or v (out may be v: each element is read first).
+        auto times_grad = [&](T* out, const T* f) {
           if (v == nullptr) {
-            form_dz<T, A>(gg_i, t_i, nullptr, sign_mask, nullptr, c0 + i, 1, n, a);
+            form_dz<T, A>(out, f, nullptr, sign_mask, nullptr, c0 + i, 1, n, a);
           } else {
-            map_row(n, [a, recompute]<typename M, typename V>(V tv, V vv, V bb) {
-                      return tv * (recompute ? Act<A>::template grad_from_preact<V, M>(vv + bb, V(a))
-                                             : grad_from_saved<A, V, M>(vv, V(a)));
-                    },
-                    gg_i, t_i, v, bias ? bias : v);
+            map_row(n, [d1]<typename M, typename V>(V fv, V vv, V bb) { return fv * d1.template operator()<M>(vv, bb); },
+                    out, f, v, add);
           }
-        }
-        if (want_gz) {
-          if constexpr (!kLinearPieces) {
+        };
+        if (ggb != nullptr) map_row(n, []<typename M, typename V>(V tv, V bt) { return tv + bt; }, t_i, t_i, ggb);
+        if (g_g != nullptr) times_grad(g_g + (c0 + i) * n, t_i);
+        if constexpr (!kLinearPieces) {
+          if (want_gz) {
             map_row(n, [a, recompute]<typename M, typename V>(V tv, V go, V vv, V bb) {
                       return tv * go * (recompute ? Act<A>::template grad2_from_preact<V, M>(vv + bb, V(a))
                                                   : grad2_from_saved<A, V, M>(vv, V(a)));
                     },
-                    t_i, t_i, g_i, v, bias ? bias : v);
+                    t_i, t_i, g_i, v, add);
             if (g_b != nullptr) add_column_sums(gb_part.data() + at::get_thread_num() * n, t_i, 1, n);
           }
         }
-        if (g_x != nullptr || g_w != nullptr) {
-          if (v == nullptr) {
-            form_dz<T, A>(dz_i, g_i, nullptr, sign_mask, nullptr, c0 + i, 1, n, a);
-          } else {
-            map_row(n, [a, recompute]<typename M, typename V>(V go, V vv, V bb) {
-                      return go * (recompute ? Act<A>::template grad_from_preact<V, M>(vv + bb, V(a))
-                                             : grad_from_saved<A, V, M>(vv, V(a)));
-                    },
-                    dz_i, g_i, v, bias ? bias : v);
-          }
-        }
+        if (g_x != nullptr || g_w != nullptr) times_grad(dz_i, g_i);  // last: recompute's z lives in dz_i
       }
     });
     for (int64_t p = 0; g_b != nullptr && want_gz && p < threads; ++p) {

@@ -45,6 +45,19 @@ std::tuple<at::Tensor, at::Tensor> linear_act_fwd_preact(const at::Tensor& x, co
   return {out, preact};
 }
 
+// What the backward-like ops read of `out`: the layer output or pre-activation, or the sign mask
+// (both pointers null: recompute).
+struct KeptOut {
+  at::Tensor t;
+  bool mask;
+  const void* values() const { return t.defined() && !mask ? t.const_data_ptr() : nullptr; }
+  const uint8_t* sign_mask() const { return mask ? t.const_data_ptr<uint8_t>() : nullptr; }
+};
+
+KeptOut kept_out(const std::optional<at::Tensor>& out) {
+  return {out.has_value() ? out->contiguous() : at::Tensor(), is_sign_mask(out)};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_bwd(const at::Tensor& grad_out, const at::Tensor& x_in,
                                                              const at::Tensor& weight_in,
                                                              const std::optional<at::Tensor>& bias,
@@ -55,8 +68,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_bwd(const at::Tensor& 
                                              /*accept_sign_mask=*/true);
   const at::Tensor g = grad_out.contiguous(), x = x_in.contiguous(), w = weight_in.contiguous();
   const at::Tensor b = bias_or_zeros(bias, w);
-  const at::Tensor y = out.has_value() ? out->contiguous() : at::Tensor();
-  const bool masked = is_sign_mask(out);
+  const KeptOut y = kept_out(out);
   const int64_t m = x.size(0), k = x.size(1), n = w.size(0);
   const bool want_db = output_mask[2] && bias.has_value();
   at::Tensor dx = output_mask[0] ? at::empty_like(x) : x.new_empty({0});
@@ -69,23 +81,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_bwd(const at::Tensor& 
   }
   auto ptr = [](at::Tensor& t, bool on) { return on ? t.mutable_data_ptr() : nullptr; };
   kernels().backward({x.scalar_type(), act, negative_slope, g.const_data_ptr(), x.const_data_ptr(), w.const_data_ptr(),
-                      b.const_data_ptr(), y.defined() && !masked ? y.const_data_ptr() : nullptr,
-                      masked ? y.const_data_ptr<uint8_t>() : nullptr, m, k, n, ptr(dx, output_mask[0]),
+                      b.const_data_ptr(), y.values(), y.sign_mask(), m, k, n, ptr(dx, output_mask[0]),
                       ptr(dw, output_mask[1]), ptr(db, want_db)});
   return {dx, dw, db};
 }
 
-// What backward-like ops read of `out`: the layer output or pre-activation, or the sign mask.
-struct Saved {
-  at::Tensor t;
-  bool mask;
-  const void* values() const { return t.defined() && !mask ? t.const_data_ptr() : nullptr; }
-  const uint8_t* sign_mask() const { return mask ? t.const_data_ptr<uint8_t>() : nullptr; }
-};
-
-Saved saved(const std::optional<at::Tensor>& out) {
-  return {out.has_value() ? out->contiguous() : at::Tensor(), is_sign_mask(out)};
-}
 
 at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t) {
   return t.has_value() ? t->contiguous() : at::Tensor();
@@ -102,7 +102,7 @@ at::Tensor linear_act_jvp(const at::Tensor& x_in, const at::Tensor& weight_in, c
   const at::Tensor x = x_in.contiguous(), w = weight_in.contiguous(), b = bias_or_zeros(bias, w);
   const at::Tensor xt = contiguous_or_undefined(x_t), wt = contiguous_or_undefined(weight_t);
   const at::Tensor bt = contiguous_or_undefined(bias_t);
-  const Saved y = saved(out);
+  const KeptOut y = kept_out(out);
   const int64_t m = x.size(0), k = x.size(1), n = w.size(0);
   at::Tensor result = at::empty({m, n}, x.options());
   if (m == 0 || n == 0) return result;
@@ -124,7 +124,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_act_bwd_bwd(
   const at::Tensor b = bias_or_zeros(bias, w);
   const at::Tensor c_x = contiguous_or_undefined(ggx), c_w = contiguous_or_undefined(ggw);
   const at::Tensor c_b = contiguous_or_undefined(ggb);
-  const Saved y = saved(out);
+  const KeptOut y = kept_out(out);
   const int64_t m = x.size(0), k = x.size(1), n = w.size(0);
   output_mask[3] = output_mask[3] && bias.has_value();
   auto make = [&](bool on, at::IntArrayRef shape) { return on ? at::empty(shape, x.options()) : x.new_empty({0}); };

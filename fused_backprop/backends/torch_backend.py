@@ -1,5 +1,5 @@
-"""Composite eager PyTorch ops: runs anywhere, and its backward is differentiable, so it is the
-backend every other one falls back to when a graph is built in backward (double backward)."""
+"""Composite eager PyTorch ops: runs anywhere, its backward built from differentiable torch ops
+(the other backends get double backward and torch.func from ``autograd.LinearActBackward``)."""
 
 from __future__ import annotations
 
