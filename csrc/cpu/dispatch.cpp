@@ -5,8 +5,13 @@
 #include <unistd.h>
 
 #include <cctype>
+#include <cstdlib>
+#include <cstring>
 #include <fstream>
 #include <string>
+#if defined(__x86_64__) || defined(_M_X64)
+#include <cpuid.h>
+#endif
 
 #include "cpu/kernels.h"
 
@@ -47,7 +52,26 @@ constexpr int kSysconfL2 = _SC_LEVEL2_CACHE_SIZE, kSysconfL3 = _SC_LEVEL3_CACHE_
 constexpr int kSysconfL2 = -1, kSysconfL3 = -1;
 #endif
 
+bool genuine_intel() {
+#if defined(__x86_64__) || defined(_M_X64)
+  unsigned int max_leaf = 0, regs[3] = {0, 0, 0};  // the vendor string is ebx, edx, ecx
+  if (__get_cpuid(0, &max_leaf, &regs[0], &regs[2], &regs[1]) == 0) return false;
+  return std::memcmp(regs, "GenuineIntel", 12) == 0;
+#else
+  return false;
+#endif
+}
+
 }  // namespace
+
+bool tile_gemm_enabled() {
+  static const bool enabled = [] {
+    const char* env = std::getenv("FUSED_BACKPROP_TILE_GEMM");
+    if (env != nullptr && (std::strcmp(env, "0") == 0 || std::strcmp(env, "1") == 0)) return env[0] == '1';
+    return !genuine_intel();
+  }();
+  return enabled;
+}
 
 const Kernels& kernels() {
   static const Kernels& chosen = choose();

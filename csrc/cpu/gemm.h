@@ -25,6 +25,39 @@ void cblas_sgemm_compute(int, int, int, int, int, int, const float*, int, const 
 
 namespace fused_backprop::cpu::CPU_CAPABILITY {
 
+// A float buffer (a packed weight) that the thread keeps for its next call when it is done: up to
+// 16 MiB, and as many buffers as it had alive at once. Allocated per call instead, a few hundred
+// KiB each time, it shifted glibc's heap so that the benchmark's 16 MiB outputs were trimmed and
+// faulted back in on every other forward (1016 page faults, 5.5 -> 7.2 ms at 16384x256x256).
+// It starts empty; resize() leaves the new elements uninitialised or zero (std::vector's).
+class KeptBuffer {
+ public:
+  KeptBuffer() {
+    if (!pool().empty()) {
+      buf_ = std::move(pool().back());
+      pool().pop_back();
+      buf_.clear();  // keeps the capacity
+    }
+  }
+  KeptBuffer(const KeptBuffer&) = delete;
+  KeptBuffer& operator=(const KeptBuffer&) = delete;
+  ~KeptBuffer() {
+    if (buf_.capacity() > 0 && buf_.capacity() <= kMaxKeptFloats) pool().push_back(std::move(buf_));
+  }
+  void resize(size_t floats) { buf_.resize(floats); }
+  bool empty() const { return buf_.empty(); }
+  float* data() { return buf_.data(); }
+  const float* data() const { return buf_.data(); }
+
+ private:
+  static constexpr size_t kMaxKeptFloats = size_t(4) << 20;
+  static std::vector<std::vector<float>>& pool() {
+    thread_local std::vector<std::vector<float>> kept;
+    return kept;
+  }
+  std::vector<float> buf_;
+};
+
 // A row-major operand: element (i, j) of op(A) is at data[i * ld + j], or data[j * ld + i] when
 // transposed.
 template <typename T>
@@ -109,7 +142,7 @@ class SharedB {
       if (cblas_sgemm_pack != nullptr && cblas_sgemm_compute != nullptr && fits && rows > 0 && m >= 2 * rows &&
           std::min(k, n) >= kMinPackedDim) {
         const size_t bytes = cblas_sgemm_pack_get_size(kBMatrix, int(rows), int(n), int(k));
-        packed_ = take_buffer((bytes + sizeof(float) - 1) / sizeof(float));
+        packed_.resize((bytes + sizeof(float) - 1) / sizeof(float));
         cblas_sgemm_pack(kRowMajor, kBMatrix, b.trans ? kTrans : kNoTrans, int(rows), int(n), int(k), 1.f, b.data,
                          int(b.ld), packed_.data());
       }
@@ -118,9 +151,6 @@ class SharedB {
 
   SharedB(const SharedB&) = delete;
   SharedB& operator=(const SharedB&) = delete;
-  ~SharedB() {
-    if (!packed_.empty() && packed_.capacity() <= kMaxKeptFloats) pool().push_back(std::move(packed_));
-  }
 
   // C (m x n) = op(A) (m x k) · op(B), plus C's old value if accumulate.
   void gemm(int64_t m, Mat<T> a, T* c, int64_t ldc, bool accumulate = false) const {
@@ -138,28 +168,9 @@ class SharedB {
   static constexpr int64_t kMinPackedDim = 256;
   enum : int { kRowMajor = 101, kNoTrans = 111, kTrans = 112, kPacked = 151, kBMatrix = 162 };
 
-  // The packed W lives in a buffer that each thread keeps for its next call (up to 16 MiB, and as
-  // many buffers as it had SharedB alive at once). Allocated per call instead, a few hundred KiB
-  // each time, it shifted glibc's heap so that the benchmark's 16 MiB outputs were trimmed and
-  // faulted back in on every other forward (1016 page faults, 5.5 -> 7.2 ms at 16384x256x256).
-  static constexpr size_t kMaxKeptFloats = size_t(4) << 20;
-  static std::vector<std::vector<float>>& pool() {
-    thread_local std::vector<std::vector<float>> kept;
-    return kept;
-  }
-  static std::vector<float> take_buffer(size_t floats) {
-    std::vector<float> buf;
-    if (!pool().empty()) {
-      buf = std::move(pool().back());
-      pool().pop_back();
-    }
-    buf.resize(floats);
-    return buf;
-  }
-
   Mat<T> b_;
   int64_t rows_, k_, n_;
-  std::vector<float> packed_;
+  KeptBuffer packed_;
 };
 
 }  // namespace fused_backprop::cpu::CPU_CAPABILITY

@@ -90,4 +90,9 @@ const Kernels& kernels();
 int64_t l2_cache_bytes();
 int64_t l3_cache_bytes();
 
+// Whether float GEMMs with an epilogue take tile_gemm.h's kernel (at the AVX2 and AVX-512 levels)
+// instead of the BLAS: on CPUs other than Intel's, where MKL runs its AVX2 kernels. Read once;
+// FUSED_BACKPROP_TILE_GEMM=0 or 1 overrides it (for A/B measurements).
+bool tile_gemm_enabled();
+
 }  // namespace fused_backprop::cpu

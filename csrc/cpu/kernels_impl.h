@@ -33,6 +33,7 @@
 #include "cpu/gemm.h"
 #include "cpu/kernels.h"
 #include "cpu/rowwise.h"
+#include "cpu/tile_gemm.h"
 
 namespace fused_backprop::cpu::CPU_CAPABILITY {
 
@@ -120,9 +121,43 @@ void act_rows(T* out, const T* b, int64_t rows, int64_t n, at::opmath_type<T> a,
   }
 }
 
+// Whether a float layer takes tile_gemm.h's kernel: enabled for this CPU and W, packed, in half
+// of L2 (a larger one goes to the BLAS in row chunks).
+bool use_tile_gemm(int64_t k, int64_t n) {
+  const int64_t cols = (n + TileGemm::kBlockCols - 1) / TileGemm::kBlockCols * TileGemm::kBlockCols;
+  return kHaveTileGemm && tile_gemm_enabled() && cols * k * int64_t(sizeof(float)) <= l2_cache_bytes() / 2;
+}
+
+// Rows [r0, r1) of a tile GEMM through epi on all threads, in blocks of whole tiles with at least
+// kMinTaskMacs multiply-adds per task.
+template <typename Epi>
+void tile_rows_parallel(const TileGemm& tg, int64_t r0, int64_t r1, int64_t k_all, int64_t n, const Epi& epi) {
+  const int64_t blocks = (r1 - r0 + kTileRows - 1) / kTileRows;
+  at::parallel_for(0, blocks, panel_grain(kTileRows, k_all, n), [&](int64_t b0, int64_t b1) {
+    tg.rows(r0 + b0 * kTileRows, std::min(r1, r0 + b1 * kTileRows), epi);
+  });
+}
+
+// out = act(x · Wᵀ + b) (and preact = the pre-activation) by the tile GEMM, the epilogue on its
+// registers.
+template <Activation A>
+void forward_tiles(const float* x, const float* w, const float* b, float* out, float* preact, int64_t m, int64_t k,
+                   int64_t n, float a) {
+  using V = at::vec::Vectorized<float>;
+  const TileGemm tg({{x, k, w, k, k}}, n);
+  tile_rows_parallel(tg, 0, m, k, n, [=](int64_t i, int64_t j, V acc, int count) {
+    const V z = b != nullptr ? acc + V::loadu(b + j, count) : acc;
+    if (preact != nullptr) z.store(preact + i * n + j, count);
+    Act<A>::template forward<V, VecMath>(z, V(a)).store(out + i * n + j, count);
+  });
+}
+
 template <typename T, Activation A>
 void forward_kernel(const T* x, const T* w, const T* b, T* out, T* preact, int64_t m, int64_t k, int64_t n,
                     at::opmath_type<T> a) {
+  if constexpr (std::is_same_v<T, float> && kHaveTileGemm) {
+    if (use_tile_gemm(k, n)) return forward_tiles<A>(x, w, b, out, preact, m, k, n, a);
+  }
   if (!kReduced<T> && use_chunks(m, n * k * int64_t(sizeof(T)))) {
     // One multithreaded GEMM per chunk of rows, then the epilogue on all threads while the chunk
     // is still in the last-level cache.
@@ -317,6 +352,11 @@ void backward_kernel(const T* g, const T* x, const T* w, const T* b, const T* y,
   const bool recompute = sign_mask == nullptr && y == nullptr;
   std::optional<SharedB<T>> wt;  // W for the recomputed x·Wᵀ
   if (recompute) wt.emplace(Mat<T>{w, k, /*trans=*/true}, m, rows, k, n);
+  // dx = dz · W by the tile GEMM (float): A is each panel's dz, given per call.
+  std::optional<TileGemm> dx_tiles;
+  if constexpr (std::is_same_v<T, float> && kHaveTileGemm) {
+    if (dx != nullptr && use_tile_gemm(n, k)) dx_tiles.emplace(std::initializer_list<TileTerm>{{dz_store, n, w, k, n, /*b_trans=*/true}}, k);
+  }
 
   at::parallel_for(0, panels, panel_grain(rows, k, n), [&](int64_t p0, int64_t p1) {
     const int64_t tid = at::get_thread_num();
@@ -327,7 +367,14 @@ void backward_kernel(const T* g, const T* x, const T* w, const T* b, const T* y,
       if (recompute) preact_rows(*wt, x + r0 * k, k, b, dz, r, n);
       form_dz<T, A>(dz, g_p, y, sign_mask, nullptr, r0, r, n, a);
       if (db != nullptr) add_column_sums(db_part.data() + p * n, dz, r, n);
-      if (dx != nullptr) gemm<T>(r, k, n, {dz, n}, {w, k}, dx + r0 * k, k);
+      if constexpr (std::is_same_v<T, float>) {
+        if (dx_tiles) {
+          dx_tiles->rows(r0, r0 + r, [dx, k]<typename V>(int64_t i, int64_t j, V acc, int count) {
+            acc.store(dx + i * k + j, count);
+          }, dz);
+        }
+      }
+      if (dx != nullptr && !dx_tiles) gemm<T>(r, k, n, {dz, n}, {w, k}, dx + r0 * k, k);
       if (per_thread_dw) {
         gemm<T>(n, k, r, {dz, n, /*trans=*/true}, {x + r0 * k, k}, dw_of(tid), k, /*accumulate=*/dw_started[tid]);
         dw_started[tid] = 1;
@@ -379,6 +426,33 @@ void two_gemms(int64_t r, int64_t n, int64_t k, const T* a1, const T* b1, const 
 template <typename T, Activation A>
 void tangent_kernel(const T* x, const T* w, const T* b, const T* x_t, const T* w_t, const T* b_t, const T* y,
                     const uint8_t* sign_mask, int64_t m, int64_t k, int64_t n, T* out, at::opmath_type<T> a) {
+  if constexpr (std::is_same_v<T, float> && kHaveTileGemm) {
+    // Both tangent GEMMs in one tile GEMM, act' applied to its registers: from y, or from z
+    // recomputed into out by a tile GEMM of its own just before, tile by tile.
+    if (sign_mask == nullptr && use_tile_gemm(2 * k, n)) {
+      using V = at::vec::Vectorized<float>;
+      const TileGemm tg({{x_t, k, w, k, k}, {x, k, w_t, k, k}}, n);
+      const auto tangent = [=](int64_t i, int64_t j, V acc, int count) {
+        const V t = b_t != nullptr ? acc + V::loadu(b_t + j, count) : acc;
+        const V d1 = y != nullptr ? grad_from_saved<A, V, VecMath>(V::loadu(y + i * n + j, count), V(a))
+                                  : Act<A>::template grad_from_preact<V, VecMath>(V::loadu(out + i * n + j, count), V(a));
+        (t * d1).store(out + i * n + j, count);
+      };
+      if (y != nullptr) return tile_rows_parallel(tg, 0, m, 2 * k, n, tangent);
+      const TileGemm z_tg({{x, k, w, k, k}}, n);
+      const auto preact = [=](int64_t i, int64_t j, V acc, int count) {
+        (b != nullptr ? acc + V::loadu(b + j, count) : acc).store(out + i * n + j, count);
+      };
+      const int64_t blocks = (m + kTileRows - 1) / kTileRows;
+      at::parallel_for(0, blocks, panel_grain(kTileRows, 3 * k, n), [&](int64_t b0, int64_t b1) {
+        for (int64_t i = b0 * kTileRows; i < std::min(m, b1 * kTileRows); i += kTileRows) {
+          z_tg.rows(i, std::min(m, i + kTileRows), preact);
+          tg.rows(i, std::min(m, i + kTileRows), tangent);
+        }
+      });
+      return;
+    }
+  }
   const int64_t chunk = chunk_rows(m, n * int64_t(sizeof(T)));
   const bool recompute = y == nullptr && sign_mask == nullptr;
   at::Tensor holder;
@@ -421,47 +495,76 @@ void bwd_bwd_kernel(const T* g, const T* x, const T* w, const T* b, const T* y, 
   T* t = scratch<T>(t_holder, chunk * n);    // t, then gz
   T* dz = scratch<T>(dz_holder, chunk * n);  // z (recompute), then dz
   std::vector<acc_t> gb_part(g_b != nullptr ? threads * n : 0), gb_acc(g_b != nullptr ? n : 0, acc_t(0));
+  // From a kept y, float: t's two GEMMs in one tile GEMM, whose epilogue forms g_g, gz (into t)
+  // and dz on its registers.
+  const bool tiles = std::is_same_v<T, float> && y != nullptr && use_tile_gemm(2 * k, n);
   for_chunks(m, chunk, [&](int64_t c0, int64_t r) {
     const T* x_c = x + c0 * k;
     const T* g_c = g + c0 * n;
-    two_gemms<T>(r, n, k, ggx ? ggx + c0 * k : nullptr, w, x_c, ggw, t);
-    if (recompute) gemm<T>(r, n, k, {x_c, k}, {w, k, /*trans=*/true}, dz, n);
     if (g_b != nullptr) std::fill(gb_part.begin(), gb_part.end(), acc_t(0));
-    at::parallel_for(0, r, elementwise_grain(n), [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        T *t_i = t + i * n, *dz_i = dz + i * n;
-        const T* g_i = g_c + i * n;
-        const T* v = recompute ? dz_i : y != nullptr ? y + (c0 + i) * n : nullptr;  // null: the sign mask
-        // The values act' and act'' are read from, and what to add to them: b to a recomputed z;
-        // otherwise v again, which the derivatives below do not read.
-        const T* add = recompute ? b : v;
-        const auto d1 = [a, recompute]<typename M, typename V>(V vv, V bb) {
-          return recompute ? Act<A>::template grad_from_preact<V, M>(vv + bb, V(a)) : grad_from_saved<A, V, M>(vv, V(a));
-        };
-        // out = f ⊙ act'(·), from the sign mask or v (out may be v: each element is read first).
-        auto times_grad = [&](T* out, const T* f) {
-          if (v == nullptr) {
-            form_dz<T, A>(out, f, nullptr, sign_mask, nullptr, c0 + i, 1, n, a);
-          } else {
-            map_row(n, [d1]<typename M, typename V>(V fv, V vv, V bb) { return fv * d1.template operator()<M>(vv, bb); },
-                    out, f, v, add);
+    if constexpr (std::is_same_v<T, float> && kHaveTileGemm) {
+      if (tiles) {
+        using V = at::vec::Vectorized<float>;
+        const TileGemm tg({{ggx, k, w, k, k}, {x, k, ggw, k, k}}, n);
+        tile_rows_parallel(tg, c0, c0 + r, 2 * k, n, [&](int64_t i, int64_t j, V acc, int count) {
+          const int64_t at = i * n + j, at_c = at - c0 * n;
+          const V tv = ggb != nullptr ? acc + V::loadu(ggb + j, count) : acc;
+          const V v = V::loadu(y + at, count), gv = V::loadu(g + at, count);
+          const V d1 = grad_from_saved<A, V, VecMath>(v, V(a));
+          if (g_g != nullptr) (tv * d1).store(g_g + at, count);
+          if constexpr (!kLinearPieces) {
+            if (want_gz) {
+              const V gz = tv * gv * grad2_from_saved<A, V, VecMath>(v, V(a));
+              gz.store(t + at_c, count);
+              if (g_b != nullptr) {
+                float* part = gb_part.data() + at::get_thread_num() * n + j;
+                (V::loadu(part, count) + gz).store(part, count);
+              }
+            }
           }
-        };
-        if (ggb != nullptr) map_row(n, []<typename M, typename V>(V tv, V bt) { return tv + bt; }, t_i, t_i, ggb);
-        if (g_g != nullptr) times_grad(g_g + (c0 + i) * n, t_i);
-        if constexpr (!kLinearPieces) {
-          if (want_gz) {
-            map_row(n, [a, recompute]<typename M, typename V>(V tv, V go, V vv, V bb) {
-                      return tv * go * (recompute ? Act<A>::template grad2_from_preact<V, M>(vv + bb, V(a))
-                                                  : grad2_from_saved<A, V, M>(vv, V(a)));
-                    },
-                    t_i, t_i, g_i, v, add);
-            if (g_b != nullptr) add_column_sums(gb_part.data() + at::get_thread_num() * n, t_i, 1, n);
-          }
-        }
-        if (g_x != nullptr || g_w != nullptr) times_grad(dz_i, g_i);  // last: recompute's z lives in dz_i
+          if (g_x != nullptr || g_w != nullptr) (gv * d1).store(dz + at_c, count);
+        });
       }
-    });
+    }
+    if (!tiles) {
+      two_gemms<T>(r, n, k, ggx ? ggx + c0 * k : nullptr, w, x_c, ggw, t);
+      if (recompute) gemm<T>(r, n, k, {x_c, k}, {w, k, /*trans=*/true}, dz, n);
+      at::parallel_for(0, r, elementwise_grain(n), [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i) {
+          T *t_i = t + i * n, *dz_i = dz + i * n;
+          const T* g_i = g_c + i * n;
+          const T* v = recompute ? dz_i : y != nullptr ? y + (c0 + i) * n : nullptr;  // null: the sign mask
+          // The values act' and act'' are read from, and what to add to them: b to a recomputed z;
+          // otherwise v again, which the derivatives below do not read.
+          const T* add = recompute ? b : v;
+          const auto d1 = [a, recompute]<typename M, typename V>(V vv, V bb) {
+            return recompute ? Act<A>::template grad_from_preact<V, M>(vv + bb, V(a)) : grad_from_saved<A, V, M>(vv, V(a));
+          };
+          // out = f ⊙ act'(·), from the sign mask or v (out may be v: each element is read first).
+          auto times_grad = [&](T* out, const T* f) {
+            if (v == nullptr) {
+              form_dz<T, A>(out, f, nullptr, sign_mask, nullptr, c0 + i, 1, n, a);
+            } else {
+              map_row(n, [d1]<typename M, typename V>(V fv, V vv, V bb) { return fv * d1.template operator()<M>(vv, bb); },
+                      out, f, v, add);
+            }
+          };
+          if (ggb != nullptr) map_row(n, []<typename M, typename V>(V tv, V bt) { return tv + bt; }, t_i, t_i, ggb);
+          if (g_g != nullptr) times_grad(g_g + (c0 + i) * n, t_i);
+          if constexpr (!kLinearPieces) {
+            if (want_gz) {
+              map_row(n, [a, recompute]<typename M, typename V>(V tv, V go, V vv, V bb) {
+                        return tv * go * (recompute ? Act<A>::template grad2_from_preact<V, M>(vv + bb, V(a))
+                                                    : grad2_from_saved<A, V, M>(vv, V(a)));
+                      },
+                      t_i, t_i, g_i, v, add);
+              if (g_b != nullptr) add_column_sums(gb_part.data() + at::get_thread_num() * n, t_i, 1, n);
+            }
+          }
+          if (g_x != nullptr || g_w != nullptr) times_grad(dz_i, g_i);  // last: recompute's z lives in dz_i
+        }
+      });
+    }
     for (int64_t p = 0; g_b != nullptr && want_gz && p < threads; ++p) {
       map_row(n, []<typename M, typename V>(V s, V v) { return s + v; }, gb_acc.data(), gb_acc.data(),
               gb_part.data() + p * n);
