@@ -36,6 +36,13 @@ def _level_env(level, tmp_path):
     return {**os.environ, "ATEN_CPU_CAPABILITY": level.lower(), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
 
 
+def _run_kernel_tests(env, what):
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *KERNEL_TESTS],
+                         cwd=ROOT / "tests", env=env, capture_output=True, text=True)
+    assert run.returncode == 0, f"kernel tests {what}:\n{run.stdout[-6000:]}\n{run.stderr[-2000:]}"
+    assert re.search(r"\d+ passed", run.stdout)
+
+
 @needs_build
 def test_cpu_capability_is_torchs_level():
     assert fb.cpu_capability() == (HERE if X86 else "DEFAULT")
@@ -55,10 +62,37 @@ def test_kernels_at_level(level, tmp_path):
     got = subprocess.run([sys.executable, "-c", "import fused_backprop as fb; print(fb.cpu_capability())"],
                          env=env, capture_output=True, text=True, check=True).stdout.strip()
     assert got == level
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *KERNEL_TESTS],
-                         cwd=ROOT / "tests", env=env, capture_output=True, text=True)
-    assert run.returncode == 0, f"kernel tests at {level}:\n{run.stdout[-6000:]}\n{run.stderr[-2000:]}"
-    assert re.search(r"\d+ passed", run.stdout)
+    _run_kernel_tests(env, f"at {level}")
+
+
+def _cpu_vendor() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("vendor_id"):
+            return line.split(":", 1)[1].strip()
+    return ""
+
+
+@needs_build
+def test_tile_gemm_where_blas_runs_avx2():
+    """The tile GEMM (csrc/cpu/tile_gemm.h) is on at AVX2 and AVX512 except on Intel CPUs (where
+    MKL runs its AVX-512 kernels), unless FUSED_BACKPROP_TILE_GEMM says otherwise."""
+    env = os.environ.get("FUSED_BACKPROP_TILE_GEMM")
+    want = env == "1" if env in ("0", "1") else _cpu_vendor() != "GenuineIntel"
+    assert _ops._C._tile_gemm() == (want and fb.cpu_capability() != "DEFAULT")
+
+
+@needs_build
+def test_kernels_with_the_other_gemm(tmp_path):
+    """The kernel tests pass at this level with the GEMM choice flipped: the BLAS where the tile
+    GEMM is the default (AMD), the tile GEMM where the BLAS is (Intel)."""
+    if fb.cpu_capability() == "DEFAULT":
+        pytest.skip("the DEFAULT level has no tile GEMM")
+    flipped = "0" if _ops._C._tile_gemm() else "1"
+    env = {**_level_env(HERE, tmp_path), "FUSED_BACKPROP_TILE_GEMM": flipped}
+    got = subprocess.run([sys.executable, "-c", "from fused_backprop import _ops; print(_ops._C._tile_gemm())"],
+                         env=env, capture_output=True, text=True, check=True).stdout.strip()
+    assert got == str(flipped == "1")
+    _run_kernel_tests(env, f"with FUSED_BACKPROP_TILE_GEMM={flipped}")
 
 
 # x86-64 prefixes that may precede a VEX (c4/c5) or EVEX (62) opcode byte.

@@ -224,7 +224,8 @@ def simd_level() -> str:
     torch_level, ours = torch.backends.cpu.get_cpu_capability(), _cpu_capability_or_none()
     if ours is None:
         return f"SIMD: fused kernels not built, torch {torch_level}"
-    return f"SIMD {ours}" + (f" (torch {torch_level})" if torch_level != ours else "")
+    gemm = "tile GEMM" if fb._ops._C._tile_gemm() else "BLAS GEMM"
+    return f"SIMD {ours}" + (f" (torch {torch_level})" if torch_level != ours else "") + f", {gemm}"
 
 
 def _cpu_capability_or_none():
@@ -309,6 +310,7 @@ def describe(args) -> dict:
         torch=torch.__version__, fused_backprop=fb.__version__, python=platform.python_version(),
         platform=platform.platform(), git_commit=_git_commit(), threads=torch.get_num_threads(),
         cpu_capability=dict(fused_backprop=_cpu_capability_or_none(), torch=torch.backends.cpu.get_cpu_capability()),
+        tile_gemm=_cpu_capability_or_none() is not None and fb._ops._C._tile_gemm(),
         cpu_count=os.cpu_count(), load_average=os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         devices={d: names[d] for d in args.devices},
         clocks={d: timing.clock_for(d).name for d in args.devices},
