@@ -16,9 +16,11 @@
 // elementwise pass reads and writes C once more. Compiled per SIMD level (kernels_impl.h).
 #pragma once
 
+#include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
 
 #include "cpu/gemm.h"
+#include "cpu/kernels.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -63,9 +65,37 @@ class TileGemm {
     for (const TileTerm& t : terms_) k_all_ += t.k;
     blocks_ = (n + kBlockCols - 1) / kBlockCols;
     packed_.resize(blocks_ * k_all_ * kBlockCols);
-    for (int64_t cb = 0; cb < blocks_; ++cb) {
+    // Rows per group: a group's rows of A stay in a quarter of L2 while every column block passes
+    // over them (B's blocks come from L2 or L3 once per group, not once per tile).
+    const int64_t fit = l2_cache_bytes() / 4 / std::max<int64_t>(1, k_all_ * int64_t(sizeof(float)));
+    group_rows_ = std::max<int64_t>(1, fit / kTileRows) * kTileRows;
+    at::parallel_for(0, blocks_, std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, k_all_ * kBlockCols)),
+                     [&](int64_t cb0, int64_t cb1) { pack(cb0, cb1); });
+  }
+
+  // Whether B, packed, has its column blocks within half of L2 (the tile GEMM's condition).
+  static bool fits(int64_t k_all) { return k_all * kBlockCols * int64_t(sizeof(float)) <= l2_cache_bytes() / 2; }
+
+  // Rows [r0, r1) of C through epi(i, j, acc, count): acc holds C[i, j .. j + count) (count <=
+  // V::size(), the rest of the vector is padding). a0, unless null, stands for the first term's A
+  // in these rows (row r0 of A at a0): for an A that lives in a per-thread buffer.
+  template <typename Epi>
+  void rows(int64_t r0, int64_t r1, const Epi& epi, const float* a0 = nullptr) const {
+    for (int64_t g0 = r0; g0 < r1; g0 += group_rows_) {
+      const int64_t g1 = std::min(r1, g0 + group_rows_);
+      for (int64_t cb = 0; cb < blocks_; ++cb) {
+        for (int64_t i = g0; i < g1; i += kTileRows) {
+          tile(i, std::min<int64_t>(kTileRows, g1 - i), cb, epi, a0 != nullptr ? a0 + (i - r0) * terms_[0].lda : nullptr);
+        }
+      }
+    }
+  }
+
+ private:
+  void pack(int64_t cb0, int64_t cb1) {
+    for (int64_t cb = cb0; cb < cb1; ++cb) {
       float* dst = block(cb);
-      const int64_t j0 = cb * kBlockCols, cols = std::min(kBlockCols, n - j0);
+      const int64_t j0 = cb * kBlockCols, cols = std::min(kBlockCols, n_ - j0);
       for (const TileTerm& t : terms_) {
         for (int64_t j = 0; j < kBlockCols; ++j) {
           for (int64_t kk = 0; kk < t.k; ++kk) {
@@ -77,18 +107,6 @@ class TileGemm {
     }
   }
 
-  // Rows [r0, r1) of C through epi(i, j, acc, count): acc holds C[i, j .. j + count) (count <=
-  // V::size(), the rest of the vector is padding). a0, unless null, stands for the first term's A
-  // in these rows (row r0 of A at a0): for an A that lives in a per-thread buffer.
-  template <typename Epi>
-  void rows(int64_t r0, int64_t r1, const Epi& epi, const float* a0 = nullptr) const {
-    for (int64_t i = r0; i < r1; i += kTileRows) {
-      const int64_t count = std::min<int64_t>(kTileRows, r1 - i);
-      for (int64_t cb = 0; cb < blocks_; ++cb) tile(i, count, cb, epi, a0 != nullptr ? a0 + (i - r0) * terms_[0].lda : nullptr);
-    }
-  }
-
- private:
   const float* block(int64_t cb) const { return packed_.data() + cb * k_all_ * kBlockCols; }
   float* block(int64_t cb) { return packed_.data() + cb * k_all_ * kBlockCols; }
 
@@ -125,7 +143,7 @@ class TileGemm {
   }
 
   std::vector<TileTerm> terms_;
-  int64_t n_, k_all_ = 0, blocks_ = 0;
+  int64_t n_, k_all_ = 0, blocks_ = 0, group_rows_ = kTileRows;
   KeptBuffer packed_;
 };
 
