@@ -10,7 +10,9 @@ Shapes: x ``(M, K)``, W ``(N, K)``, b ``(N,)``, y / dY / dZ ``(M, N)``.
   once; the two backward GEMMs then read dZ instead of (dY, y).
 * ``_linear_act_backward_dx_kernel``: ``dX = dZ W`` over output tiles ``(BLOCK_M, BLOCK_K)``,
   reducing over N. Without recompute, dZ is formed inside the operand load from the dY and y (or z,
-  or sign mask) tiles (``dY * act'(.)``) and never written to memory.
+  or sign mask) tiles (``dY * act'(.)``) and never written to memory. When M*K gives too few tiles
+  to fill the GPU (short, wide-reduction shapes), N is split over program columns into fp32
+  partials, reduced like dW's below.
 * ``_linear_act_backward_dw_kernel``: ``dW = dZ^T x`` over output tiles ``(BLOCK_N, BLOCK_K)``,
   reducing over M; dZ is formed in the operand load the same way, and the same loop reduces
   ``db = sum_m dZ`` from the dZ tiles already in registers (only the ``pid_k == 0`` column of
@@ -141,8 +143,7 @@ SPILLS: dict[tuple, frozenset] = {
     ('dw', 'ampere', (64, 128, 32, 4, 4)): frozenset(['gelu:preact', 'gelu_tanh:preact']),
     ('dw', 'ampere', (128, 64, 32, 4, 4)): frozenset(['gelu:preact', 'gelu_tanh:preact']),
     ('dw', 'ampere', (128, 256, 32, 8, 3)): frozenset(['gelu:preact', 'gelu_tanh:preact', 'silu:preact']),
-    ('dw', 'fma', (64, 64, 32, 4, 3)):
-        frozenset(['dz', 'leaky_relu:mask', 'leaky_relu:mask-bits', 'relu:mask', 'relu:mask-bits']),
+    ('dw', 'fma', (64, 64, 32, 4, 3)): frozenset(['leaky_relu:mask', 'relu:mask']),
     ('dw', 'fma', (64, 128, 16, 8, 3)): frozenset(['dz']),
     ('dw', 'fma', (128, 64, 16, 8, 3)): frozenset(['dz', 'relu:output', 'tanh:output']),
     ('dw', 'hopper', (64, 64, 128, 4, 3)):
@@ -153,26 +154,27 @@ SPILLS: dict[tuple, frozenset] = {
     ('dw', 'hopper', (128, 128, 32, 4, 4)): frozenset(['gelu:preact', 'leaky_relu:mask-bits', 'relu:mask-bits']),
     ('dw', 'hopper', (128, 128, 64, 8, 3)): frozenset(['gelu_tanh:preact']),
     ('dw', 'hopper', (128, 256, 64, 8, 3)): frozenset(['gelu:preact', 'leaky_relu:mask-bits', 'relu:mask-bits']),
-    ('dx', 'ampere', (64, 64, 32, 2, 5)): frozenset(['gelu_tanh:preact', 'leaky_relu:output', 'leaky_relu:preact']),
-    ('dx', 'ampere', (128, 128, 32, 4, 4)):
-        frozenset(['gelu:preact', 'gelu_tanh:preact', 'leaky_relu:mask-bits', 'relu:mask-bits']),
-    ('dx', 'ampere', (128, 128, 64, 8, 3)): frozenset(['gelu:preact', 'gelu_tanh:preact']),
+    ('dx', 'ampere', (64, 64, 32, 2, 5)): frozenset(['gelu_tanh:preact', 'relu:mask', 'relu:mask-bits']),
+    ('dx', 'ampere', (64, 64, 64, 4, 3)): frozenset(['leaky_relu:mask-bits']),
+    ('dx', 'ampere', (64, 128, 32, 4, 4)): frozenset(['gelu_tanh:preact']),
+    ('dx', 'ampere', (128, 128, 32, 4, 4)): frozenset(['gelu:preact', 'gelu_tanh:preact']),
+    ('dx', 'ampere', (128, 128, 64, 8, 3)): frozenset(['gelu:preact', 'gelu_tanh:preact', 'silu:preact']),
     ('dx', 'ampere', (128, 256, 32, 8, 3)): frozenset(['gelu:preact', 'gelu_tanh:preact']),
-    ('dx', 'fma', (64, 32, 32, 4, 3)): frozenset(['gelu_tanh:preact']),
-    ('dx', 'fma', (64, 64, 16, 4, 4)): frozenset(['gelu_tanh:preact', 'leaky_relu:mask', 'relu:mask']),
-    ('dx', 'hopper', (128, 64, 64, 4, 4)): frozenset(['relu:mask-bits']),
+    ('dx', 'fma', (64, 32, 32, 4, 3)): frozenset(['relu:mask-bits']),
+    ('dx', 'fma', (64, 64, 16, 4, 4)):
+        frozenset(['leaky_relu:mask-bits', 'leaky_relu:output', 'leaky_relu:preact', 'relu:mask-bits']),
+    ('dx', 'fma', (64, 64, 32, 4, 3)): frozenset(['dz', 'relu:output', 'tanh:output']),
+    ('dx', 'hopper', (128, 64, 64, 4, 4)):
+        frozenset(['gelu:preact', 'gelu_tanh:preact', 'relu:mask-bits', 'silu:preact']),
     ('dx', 'hopper', (128, 128, 32, 4, 4)): frozenset(['gelu_tanh:preact']),
-    ('dz', 'fma', (64, 64, 32, 4, 3)): frozenset(['gelu']),
     ('dz', 'hopper', (128, 64, 64, 4, 4)): frozenset(['gelu']),
     ('fwd', 'ampere', (128, 128, 32, 4, 4)):
         frozenset(['gelu', 'gelu+z', 'gelu_tanh', 'gelu_tanh+z', 'leaky_relu+z', 'silu+z']),
     ('fwd', 'ampere', (256, 128, 64, 8, 3)):
         frozenset(['gelu', 'gelu+z', 'gelu_tanh', 'gelu_tanh+z', 'leaky_relu+z', 'silu+z']),
-    ('fwd', 'fma', (64, 64, 32, 4, 3)): frozenset(['gelu']),
-    ('fwd', 'hopper', (128, 128, 64, 4, 4)):
-        frozenset(['gelu', 'gelu+z', 'gelu_tanh', 'gelu_tanh+z', 'leaky_relu+z', 'silu+z']),
-    ('fwd', 'hopper', (128, 256, 64, 8, 3)):
-        frozenset(['gelu', 'gelu+z', 'gelu_tanh', 'gelu_tanh+z', 'leaky_relu+z', 'silu', 'silu+z']),
+    ('fwd', 'fma', (64, 32, 32, 4, 3)): frozenset(['gelu']),
+    ('fwd', 'hopper', (128, 128, 64, 4, 4)): frozenset(['gelu', 'gelu+z', 'gelu_tanh+z', 'leaky_relu+z', 'silu+z']),
+    ('fwd', 'hopper', (128, 256, 64, 8, 3)): frozenset(['gelu', 'gelu+z', 'gelu_tanh+z', 'leaky_relu+z', 'silu+z']),
     ('narrow', 'hopper', (64, 4, 3)):
         frozenset(['gelu:preact', 'gelu_tanh:preact', 'gelu_tanh:recompute', 'silu:preact']),
     ('narrow', 'hopper', (128, 8, 3)): frozenset(['gelu:preact', 'gelu_tanh:preact', 'silu:preact']),
