@@ -10,7 +10,9 @@ Shapes: x ``(M, K)``, W ``(N, K)``, b ``(N,)``, y / dY / dZ ``(M, N)``.
   once; the two backward GEMMs then read dZ instead of (dY, y).
 * ``_linear_act_backward_dx_kernel``: ``dX = dZ W`` over output tiles ``(BLOCK_M, BLOCK_K)``,
   reducing over N. Without recompute, dZ is formed inside the operand load from the dY and y (or z,
-  or sign mask) tiles (``dY * act'(.)``) and never written to memory.
+  or sign mask) tiles (``dY * act'(.)``) and never written to memory. When M*K gives too few tiles
+  to fill the GPU (short, wide-reduction shapes), N is split over program columns into fp32
+  partials, reduced like dW's below.
 * ``_linear_act_backward_dw_kernel``: ``dW = dZ^T x`` over output tiles ``(BLOCK_N, BLOCK_K)``,
   reducing over M; dZ is formed in the operand load the same way, and the same loop reduces
   ``db = sum_m dZ`` from the dZ tiles already in registers (only the ``pid_k == 0`` column of
@@ -37,6 +39,9 @@ slope) or the packed 1-bit sign mask (MODE_SIGN_MASK: relu, leaky relu).
 
 from __future__ import annotations
 
+import inspect
+import math
+
 import triton
 import triton.language as tl
 
@@ -60,7 +65,7 @@ INTERPRET = bool(triton.knobs.runtime.interpret)
 
 
 # --------------------------------------------------------------------------------------------
-# Autotuning: configs for Ampere (sm_8x) and Hopper (sm_9x), keyed on (M, N, K); one small config
+# Autotuning: configs for Ampere (sm_8x) and Hopper (sm_9x), keyed on ``tune_key``; one small config
 # in the interpreter (which would otherwise run, and time, every config in Python).
 #
 # A tile is (a, b, red): the two output extents and the reduction step. Each kernel names them
@@ -99,12 +104,29 @@ TILES = {
 }
 TILES[("dx", "hopper")] = TILES[("dw", "hopper")] = [
     (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 32, 4, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
-    (64, 64, 64, 4, 4), (64, 64, 128, 4, 3), (64, 32, 64, 4, 4)]
+    (64, 64, 64, 4, 4), (64, 64, 128, 4, 3), (64, 32, 64, 4, 4), (64, 32, 32, 4, 3)]
 FMA_TILES = [(64, 64, 32, 4, 3), (64, 64, 16, 4, 4), (128, 64, 16, 8, 3), (64, 128, 16, 8, 3), (64, 32, 32, 4, 3),
              (32, 64, 32, 4, 3), (32, 32, 32, 2, 3)]
 for _role in ROLES:
     TILES[(_role, "fma")] = FMA_TILES
 INTERPRETER_TILE = (32, 32, 32, 1, 1)
+# Launches whose rows do not start on 16-byte boundaries (``alignment`` times the element size
+# under 16 on K or N, e.g. an odd K in bf16) load their operand tiles element by element through
+# registers, without cp.async, and then most tiles with a long reduction step spill (up to 13 KB
+# on sm_80, 6 KB on sm_90a). Such launches take only these tiles of TILES, compiled spill-free at
+# N = 1001, K = 999 in bf16 for the heaviest variants (test_aot_compile_sm80_sm90_no_spills checks
+# them); the "fma" family keeps its tiles.
+UNALIGNED_TILES = {
+    ("fwd", "ampere"): [(64, 128, 32, 4, 4), (64, 64, 64, 4, 3), (64, 64, 32, 2, 5), (128, 32, 32, 4, 4),
+                        (32, 64, 32, 2, 5)],
+    ("fwd", "hopper"): [(64, 64, 64, 4, 4), (64, 64, 128, 4, 3), (64, 32, 64, 4, 4)],
+    ("dx", "ampere"): [(128, 64, 32, 8, 3), (32, 64, 32, 2, 5)],
+    ("dx", "hopper"): [(64, 32, 32, 4, 3)],
+    ("dw", "ampere"): [(32, 64, 32, 2, 5)],
+    ("dw", "hopper"): [(128, 128, 64, 8, 3), (64, 32, 32, 4, 3)],
+}
+UNALIGNED_TILES[("dz", "ampere")] = UNALIGNED_TILES[("fwd", "ampere")]
+UNALIGNED_TILES[("dz", "hopper")] = UNALIGNED_TILES[("fwd", "hopper")]
 # Register spills. Beyond the tile, what decides a launch's register use is its "variant"
 # (``spill_variant``): the activation, and where act' comes from or whether the forward stores z
 # too (gelu's erf and gelu_tanh's tanh in an epilogue over a whole accumulator tile, or the bit
@@ -121,8 +143,7 @@ SPILLS: dict[tuple, frozenset] = {
     ('dw', 'ampere', (64, 128, 32, 4, 4)): frozenset(['gelu:preact', 'gelu_tanh:preact']),
     ('dw', 'ampere', (128, 64, 32, 4, 4)): frozenset(['gelu:preact', 'gelu_tanh:preact']),
     ('dw', 'ampere', (128, 256, 32, 8, 3)): frozenset(['gelu:preact', 'gelu_tanh:preact', 'silu:preact']),
-    ('dw', 'fma', (64, 64, 32, 4, 3)):
-        frozenset(['dz', 'leaky_relu:mask', 'leaky_relu:mask-bits', 'relu:mask', 'relu:mask-bits']),
+    ('dw', 'fma', (64, 64, 32, 4, 3)): frozenset(['leaky_relu:mask', 'relu:mask']),
     ('dw', 'fma', (64, 128, 16, 8, 3)): frozenset(['dz']),
     ('dw', 'fma', (128, 64, 16, 8, 3)): frozenset(['dz', 'relu:output', 'tanh:output']),
     ('dw', 'hopper', (64, 64, 128, 4, 3)):
@@ -133,33 +154,35 @@ SPILLS: dict[tuple, frozenset] = {
     ('dw', 'hopper', (128, 128, 32, 4, 4)): frozenset(['gelu:preact', 'leaky_relu:mask-bits', 'relu:mask-bits']),
     ('dw', 'hopper', (128, 128, 64, 8, 3)): frozenset(['gelu_tanh:preact']),
     ('dw', 'hopper', (128, 256, 64, 8, 3)): frozenset(['gelu:preact', 'leaky_relu:mask-bits', 'relu:mask-bits']),
-    ('dx', 'ampere', (64, 64, 32, 2, 5)): frozenset(['gelu_tanh:preact', 'leaky_relu:output', 'leaky_relu:preact']),
-    ('dx', 'ampere', (128, 128, 32, 4, 4)):
-        frozenset(['gelu:preact', 'gelu_tanh:preact', 'leaky_relu:mask-bits', 'relu:mask-bits']),
-    ('dx', 'ampere', (128, 128, 64, 8, 3)): frozenset(['gelu:preact', 'gelu_tanh:preact']),
+    ('dx', 'ampere', (64, 64, 32, 2, 5)): frozenset(['gelu_tanh:preact', 'relu:mask', 'relu:mask-bits']),
+    ('dx', 'ampere', (64, 64, 64, 4, 3)): frozenset(['leaky_relu:mask-bits']),
+    ('dx', 'ampere', (64, 128, 32, 4, 4)): frozenset(['gelu_tanh:preact']),
+    ('dx', 'ampere', (128, 128, 32, 4, 4)): frozenset(['gelu:preact', 'gelu_tanh:preact']),
+    ('dx', 'ampere', (128, 128, 64, 8, 3)): frozenset(['gelu:preact', 'gelu_tanh:preact', 'silu:preact']),
     ('dx', 'ampere', (128, 256, 32, 8, 3)): frozenset(['gelu:preact', 'gelu_tanh:preact']),
-    ('dx', 'fma', (64, 32, 32, 4, 3)): frozenset(['gelu_tanh:preact']),
-    ('dx', 'fma', (64, 64, 16, 4, 4)): frozenset(['gelu_tanh:preact', 'leaky_relu:mask', 'relu:mask']),
-    ('dx', 'hopper', (128, 64, 64, 4, 4)): frozenset(['relu:mask-bits']),
+    ('dx', 'fma', (64, 32, 32, 4, 3)): frozenset(['relu:mask-bits']),
+    ('dx', 'fma', (64, 64, 16, 4, 4)):
+        frozenset(['leaky_relu:mask-bits', 'leaky_relu:output', 'leaky_relu:preact', 'relu:mask-bits']),
+    ('dx', 'fma', (64, 64, 32, 4, 3)): frozenset(['dz', 'relu:output', 'tanh:output']),
+    ('dx', 'hopper', (128, 64, 64, 4, 4)):
+        frozenset(['gelu:preact', 'gelu_tanh:preact', 'relu:mask-bits', 'silu:preact']),
     ('dx', 'hopper', (128, 128, 32, 4, 4)): frozenset(['gelu_tanh:preact']),
-    ('dz', 'fma', (64, 64, 32, 4, 3)): frozenset(['gelu']),
     ('dz', 'hopper', (128, 64, 64, 4, 4)): frozenset(['gelu']),
     ('fwd', 'ampere', (128, 128, 32, 4, 4)):
         frozenset(['gelu', 'gelu+z', 'gelu_tanh', 'gelu_tanh+z', 'leaky_relu+z', 'silu+z']),
     ('fwd', 'ampere', (256, 128, 64, 8, 3)):
         frozenset(['gelu', 'gelu+z', 'gelu_tanh', 'gelu_tanh+z', 'leaky_relu+z', 'silu+z']),
-    ('fwd', 'fma', (64, 64, 32, 4, 3)): frozenset(['gelu']),
-    ('fwd', 'hopper', (128, 128, 64, 4, 4)):
-        frozenset(['gelu', 'gelu+z', 'gelu_tanh', 'gelu_tanh+z', 'leaky_relu+z', 'silu+z']),
-    ('fwd', 'hopper', (128, 256, 64, 8, 3)):
-        frozenset(['gelu', 'gelu+z', 'gelu_tanh', 'gelu_tanh+z', 'leaky_relu+z', 'silu', 'silu+z']),
+    ('fwd', 'fma', (64, 32, 32, 4, 3)): frozenset(['gelu']),
+    ('fwd', 'hopper', (128, 128, 64, 4, 4)): frozenset(['gelu', 'gelu+z', 'gelu_tanh+z', 'leaky_relu+z', 'silu+z']),
+    ('fwd', 'hopper', (128, 256, 64, 8, 3)): frozenset(['gelu', 'gelu+z', 'gelu_tanh+z', 'leaky_relu+z', 'silu+z']),
     ('narrow', 'hopper', (64, 4, 3)):
         frozenset(['gelu:preact', 'gelu_tanh:preact', 'gelu_tanh:recompute', 'silu:preact']),
     ('narrow', 'hopper', (128, 8, 3)): frozenset(['gelu:preact', 'gelu_tanh:preact', 'silu:preact']),
 }
 
-# Largest reduction step of a dW config: the dW split is a multiple of it, so every config tiles a split.
-MAX_BLOCK_M = 256
+# Largest reduction step of a dW or dX config: the dW (dX) split is a multiple of it, so every config
+# tiles a split.
+MAX_BLOCK_RED = 256
 
 _FAMILY: dict[int, str] = {}  # id(config) -> "ampere" | "hopper" | "fma"
 
@@ -248,13 +271,70 @@ def smem_estimate(role: str, a: int, b: int, red: int, stages: int, itemsize: in
     return stages * per_step * itemsize
 
 
+# SM counts the launch shapes are checked against (tests/test_triton.py): A100, H100 SXM.
+SM_COUNTS = {"A100": 108, "H100": 132}
+# Rows the autotuner's key rounds M up to (``m_bucket``), at most: beyond it every config fills
+# the GPU many times over and the best one no longer depends on M.
+M_BUCKET_CAP = 8192
+# Output extents and reduction length of each role's GEMM (dW with db only: one column of tiles).
+DIMS = {"fwd": ("M", "N", "K"), "dz": ("M", "N", "K"), "dx": ("M", "K", "N"), "dw": ("N", "K", "M")}
+
+
+def m_bucket(m: int) -> int:
+    """The M a launch is tuned for: the next power of two, capped at M_BUCKET_CAP, so a new batch
+    size re-tunes only when it crosses a power of two (and never past the cap)."""
+    return min(_next_pow2(m), M_BUCKET_CAP)
+
+
+def programs(role: str, shape: dict, tile: tuple, splits: int = 1, compute_dw: bool = True) -> int:
+    """Programs of one launch of this role's kernel at ``shape`` (M, N, K by name) with this config
+    tile: output tiles times the splits of the reduction (dX over N, dW/db over M)."""
+    a, b = (shape[d] for d in DIMS[role][:2])
+    tiles = triton.cdiv(a, tile[0]) * (triton.cdiv(b, tile[1]) if role != "dw" or compute_dw else 1)
+    return tiles * splits
+
+
+def reduction_splits(out_tiles: int, length: int, ws_per_split: int, bytes_read: int, sms: int) -> int:
+    """How many pieces a GEMM's reduction (of ``length``) is split into so that ``out_tiles``
+    output tiles (64x64: the smallest common tile) make about two programs per SM: 1 when they
+    already fill the SMs; else at least 1024 of the reduction per piece and the fp32 workspace
+    (``ws_per_split`` bytes a piece) under 1/8 of the bytes the kernel reads. dW/db split M (the
+    epilogue-free reduction); dX splits N, the forward and dz cannot (their epilogue is not linear)
+    and take the smallest tiles instead (``prune_tiles``)."""
+    if out_tiles >= sms:
+        return 1
+    want = triton.cdiv(2 * sms, out_tiles)
+    return max(1, min(want, length // 1024, bytes_read // 8 // max(ws_per_split, 1)))
+
+
+def prune_tiles(role: str, family: str, shape: dict, itemsize: int, variant: str, sms: int, smem: int,
+                splits: int = 1, compute_dw: bool = True, aligned: bool = True) -> list[tuple]:
+    """The tiles of TILES[(role, family)] the autotuner times for this launch: those that do not
+    spill for its variant (SPILLS; only UNALIGNED_TILES where rows are not ``aligned``), fit the
+    shared memory, whose output tiles do not overshoot the problem (a 256-wide tile on a 64-wide
+    dimension only adds masked work) and whose reduction step does not exceed the reduction length;
+    of those, the ones whose grid fills the ``sms`` SMs, or, where none does, the ones with the most
+    programs (an under-filled grid runs for as long as one program does). Each rule falls back to
+    its input if it would leave nothing."""
+    tiles = TILES[(role, family)]
+    if not aligned:
+        tiles = [t for t in tiles if t in UNALIGNED_TILES.get((role, family), tiles)] or tiles
+    tiles = [t for t in tiles if spill_free(role, family, t, variant)] or tiles
+    size = lambda t: smem_estimate(role, *t[:3], t[4], itemsize)  # noqa: E731
+    tiles = [t for t in tiles if size(t) <= smem] or [min(tiles, key=size)]
+    caps = [max(16, _next_pow2(shape[d])) for d in DIMS[role]]
+    if role == "dw":
+        caps[2] = MAX_BLOCK_RED
+    fit = [t for t in tiles if all(v <= cap for v, cap in zip(t, caps))]
+    tiles = fit or [min(tiles, key=lambda t: t[0] * t[1] * t[2])]
+    count = {t: programs(role, shape, t, splits, compute_dw) for t in tiles}
+    full = [t for t in tiles if count[t] >= sms]
+    return full or [t for t in tiles if count[t] == max(count.values())]
+
+
 def _prune(role: str):
     """early_config_prune: the configs of this GPU generation ("fma" ones for fp32-ieee and fp64)
-    that do not spill for this launch's variant (SPILLS), fit its shared memory, whose output tiles
-    do not overshoot the problem (a 256-wide tile on a 64-wide dimension only adds masked work) and
-    whose reduction step does not exceed the reduction length."""
-    names = ROLES[role]
-    dims = {"fwd": ("M", "N", "K"), "dz": ("M", "N", "K"), "dx": ("M", "K", "N"), "dw": ("N", "K", None)}[role]
+    that ``prune_tiles`` keeps for this launch, M rounded as the autotuner's key rounds it."""
 
     def prune(configs, named_args, **kwargs):
         if INTERPRET or len(configs) == 1:
@@ -267,23 +347,88 @@ def _prune(role: str):
         itemsize = next((a.element_size() for a in named_args.values() if hasattr(a, "element_size")), 2)
         if kwargs.get("INPUT_PRECISION", "ieee") == "ieee" and itemsize >= 4:
             family = "fma"
-        mine = [c for c in configs if _FAMILY.get(id(c)) == family] or list(configs)
         variant = spill_variant(role, dict(kwargs, BYTE_ROWS=_byte_rows(named_args)))
-        mine = [c for c in mine if spill_free(role, family, config_tile(role, c), variant)] or mine
-        size = lambda c: smem_estimate(role, *(c.kwargs[n] for n in names), c.num_stages, itemsize)  # noqa: E731
-        fits = [c for c in mine if size(c) <= smem] or [min(mine, key=size)]
-        caps = [None if d is None else max(16, _next_pow2(named_args[d])) for d in dims]
-        fit = [c for c in fits if all(cap is None or c.kwargs[n] <= cap for n, cap in zip(names, caps))]
-        if fit:
-            return fit
-        return [min(fits, key=lambda c: c.kwargs[names[0]] * c.kwargs[names[1]] * c.kwargs[names[2]])]
+        shape = dict(M=m_bucket(named_args["M"]), N=named_args["N"], K=named_args["K"])
+        per_split = named_args.get("rows_per_split", named_args.get("cols_per_split"))
+        splits = triton.cdiv(named_args[DIMS[role][2]], per_split) if per_split else 1
+        aligned = min(alignment(named_args, "K"), alignment(named_args, "N")) * itemsize >= 16
+        keep = set(prune_tiles(role, family, shape, itemsize, variant, props.multi_processor_count, smem, splits,
+                               kwargs.get("COMPUTE_DW", True), aligned))
+        return [c for c in configs if _FAMILY.get(id(c)) == family and config_tile(role, c) in keep] or configs
 
     return prune
 
 
+# --------------------------------------------------------------------------------------------
+# The autotuner: triton.autotune with a cache key of its own (``tune_key``) and no timing runs
+# during CUDA-graph capture.
+# --------------------------------------------------------------------------------------------
+
+def _int_class(v: int) -> tuple:
+    """What Triton specialises an int argument on (1, divisibility by 16) and ALIGN_* hints (its
+    power-of-two part, up to 16)."""
+    return (v == 1, min(16, v & -v) if v else 16)
+
+
+def tune_key(named_args: dict, constexprs) -> tuple:
+    """The autotuner's cache key of a launch with these named arguments: everything that changes
+    the compiled kernel or what is fastest. Every constexpr the caller passes (``constexprs``: ACT,
+    MODE, INPUT_PRECISION, COMPUTE_DW, COMPUTE_DB, HAS_BIAS, ...), N and K, M's bucket
+    (``m_bucket``), each tensor's dtype and 16-byte alignment, and each other int argument's
+    ``_int_class`` (strides; the split lengths). Leaky relu's slope does not count."""
+    key = []
+    for name, v in named_args.items():
+        if name in constexprs or name in ("N", "K"):
+            key.append((name, v))
+        elif name == "M":
+            key.append((name, m_bucket(v)))
+        elif hasattr(v, "data_ptr"):
+            key.append((name, str(v.dtype), v.data_ptr() % 16 == 0))
+        elif isinstance(v, int):
+            key.append((name, _int_class(v)))
+    return tuple(key)
+
+
+def _capturing() -> bool:
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+class Tuner(triton.runtime.Autotuner):
+    """triton.autotune keyed on ``tune_key``. A launch whose key is not cached yet is timed over the
+    pruned configs, except while a CUDA graph is being captured (a timing run would break the
+    capture): then it runs the first config the pruning leaves, and caches nothing."""
+
+    def __init__(self, fn, configs, prune):
+        super().__init__(fn, fn.arg_names, configs, [], None, None, prune_configs_by={"early_config_prune": prune})
+        params = inspect.signature(self.base_fn).parameters  # base_fn: the Python function under the decorators
+        self.constexprs = frozenset(n for n, p in params.items() if "constexpr" in str(p.annotation))
+
+    def run(self, *args, **kwargs):
+        if len(self.configs) == 1:
+            config = self.configs[0]
+        else:
+            self.nargs = dict(zip(self.arg_names, args))
+            named = {**self.nargs, **kwargs}
+            key = tune_key({n: named[n] for n in self.arg_names if n in named}, self.constexprs)
+            config = self.cache.get(key)
+            if config is None:
+                pruned = self.prune_configs(kwargs)
+                if len(pruned) == 1 or _capturing():
+                    config = pruned[0]
+                else:
+                    timings = {c: self._bench(*args, config=c, **kwargs) for c in pruned}
+                    config = min(timings, key=timings.get)
+                if len(pruned) == 1 or not _capturing():
+                    self.cache[key] = config
+        self.best_config = config
+        self.nargs = None
+        return self.fn.run(*args, **kwargs, **config.all_kwargs())
+
+
 def _autotune(role: str):
-    return triton.autotune(configs=_make_configs(role), key=["M", "N", "K"],
-                           prune_configs_by={"early_config_prune": _prune(role)})
+    return lambda fn: Tuner(fn, _make_configs(role), _prune(role))
 
 
 # --------------------------------------------------------------------------------------------
@@ -539,12 +684,40 @@ def _byte_rows(a) -> bool:
     return a["N"] % 8 == 0
 
 
+# Alignment (constexprs ALIGN_K, ALIGN_N). Triton specialises an int argument only on "divisible by
+# 16", so with K = 1000 the compiler cannot tell that x's rows start on 16-byte boundaries, nor that
+# the K-edge mask is constant over 8 columns: it falls back to 2-byte loads without cp.async (and
+# spills). Each kernel therefore takes, per minor dimension, the largest power of two (at most 16)
+# that divides the extent and every row stride along it (and dX's split length along N), and states
+# it with ``_multiple``.
+ROW_STRIDES = {"K": ("stride_xm", "stride_wn", "stride_dxm", "stride_dxs", "stride_dwn", "stride_dws"),
+               "N": ("stride_om", "stride_pm", "stride_dym", "stride_dzm", "stride_vm", "stride_dbs",
+                     "cols_per_split")}
+
+
+def alignment(args: dict, dim: str) -> int:
+    """ALIGN_K (dim "K") / ALIGN_N ("N") of a launch with these named arguments."""
+    g = math.gcd(args[dim], *(args[s] for s in ROW_STRIDES[dim] if s in args))
+    return min(16, g & -g) if g else 16
+
+
+_ALIGN = triton.heuristics({"ALIGN_K": lambda a: alignment(a, "K"), "ALIGN_N": lambda a: alignment(a, "N")})
+
+
+@triton.jit
+def _multiple(v, A: tl.constexpr):
+    """The int argument v as int64, with the compiler told it is a multiple of A (what ``alignment``
+    guarantees). The hint goes on the widening cast: on an argument itself Triton drops it."""
+    return tl.multiple_of(v.to(tl.int64), A)
+
+
 # --------------------------------------------------------------------------------------------
 # Forward.
 # --------------------------------------------------------------------------------------------
 
 @_autotune("fwd")
 @_EVEN_K
+@_ALIGN
 @triton.jit
 def _linear_act_forward_kernel(
     x_ptr, w_ptr, b_ptr, out_ptr, preact_ptr,
@@ -552,9 +725,11 @@ def _linear_act_forward_kernel(
     stride_xm, stride_xk, stride_wn, stride_wk, stride_b, stride_om, stride_on, stride_pm, stride_pn,
     negative_slope: tl.float64,
     ACT: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_PREACT: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr, ALIGN_K: tl.constexpr, ALIGN_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):
+    K, stride_xm, stride_wn = _multiple(K, ALIGN_K), _multiple(stride_xm, ALIGN_K), _multiple(stride_wn, ALIGN_K)
+    N, stride_om, stride_pm = _multiple(N, ALIGN_N), _multiple(stride_om, ALIGN_N), _multiple(stride_pm, ALIGN_N)
     z, offs_m, offs_n, mask = _preact_tile(x_ptr, w_ptr, b_ptr, M, N, K, stride_xm, stride_xk, stride_wn,
                                            stride_wk, stride_b, HAS_BIAS, ACC_DTYPE, INPUT_PRECISION, EVEN_K,
                                            BLOCK_M, BLOCK_N, BLOCK_K, GROUP)
@@ -574,6 +749,7 @@ def _linear_act_forward_kernel(
 
 @_autotune("dz")
 @_EVEN_K
+@_ALIGN
 @triton.jit
 def _linear_act_backward_dz_kernel(
     x_ptr, w_ptr, b_ptr, dy_ptr, dz_ptr,
@@ -581,10 +757,12 @@ def _linear_act_backward_dz_kernel(
     stride_xm, stride_xk, stride_wn, stride_wk, stride_b, stride_dym, stride_dyn, stride_dzm, stride_dzn,
     negative_slope: tl.float64,
     ACT: tl.constexpr, HAS_BIAS: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP: tl.constexpr,
+    EVEN_K: tl.constexpr, ALIGN_K: tl.constexpr, ALIGN_N: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):
     """recompute=True: z = x W^T + b recomputed tile by tile; the epilogue forms dZ = dY * act'(z)."""
+    K, stride_xm, stride_wn = _multiple(K, ALIGN_K), _multiple(stride_xm, ALIGN_K), _multiple(stride_wn, ALIGN_K)
+    N, stride_dym, stride_dzm = _multiple(N, ALIGN_N), _multiple(stride_dym, ALIGN_N), _multiple(stride_dzm, ALIGN_N)
     z, offs_m, offs_n, mask = _preact_tile(x_ptr, w_ptr, b_ptr, M, N, K, stride_xm, stride_xk, stride_wn,
                                            stride_wk, stride_b, HAS_BIAS, ACC_DTYPE, INPUT_PRECISION, EVEN_K,
                                            BLOCK_M, BLOCK_N, BLOCK_K, GROUP)
@@ -595,34 +773,45 @@ def _linear_act_backward_dz_kernel(
 
 
 @_autotune("dx")
-@triton.heuristics({"EVEN_N": lambda a: a["N"] % a["BLOCK_N"] == 0, "BYTE_ROWS": _byte_rows})
+@triton.heuristics({"EVEN_N": lambda a: a["N"] % a["BLOCK_N"] == 0 and a["cols_per_split"] % a["BLOCK_N"] == 0,
+                    "BYTE_ROWS": _byte_rows})
+@_ALIGN
 @triton.jit
 def _linear_act_backward_dx_kernel(
     dy_ptr, v_ptr, w_ptr, dx_ptr,
-    M, N, K,
-    stride_dym, stride_dyn, stride_vm, stride_vn, stride_wn, stride_wk, stride_dxm, stride_dxk,
+    M, N, K, cols_per_split,
+    stride_dym, stride_dyn, stride_vm, stride_vn, stride_wn, stride_wk, stride_dxs, stride_dxm, stride_dxk,
     negative_slope: tl.float64,
     ACT: tl.constexpr, MODE: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    EVEN_N: tl.constexpr, BYTE_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+    EVEN_N: tl.constexpr, BYTE_ROWS: tl.constexpr, ALIGN_K: tl.constexpr, ALIGN_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):
-    """dX[BLOCK_M, BLOCK_K] = sum_n dZ[:, n] W[n, :], dZ = dY * act'(.) formed in the operand load
-    from y, z or the packed sign mask (MODE), or read as is (MODE_RECOMPUTE: dy_ptr holds dZ)."""
+    """dX[BLOCK_M, BLOCK_K] = sum_n dZ[:, n] W[n, :] over the columns [s * cols_per_split,
+    (s + 1) * cols_per_split) of split s = program_id(1), dZ = dY * act'(.) formed in the operand
+    load from y, z or the packed sign mask (MODE), or read as is (MODE_RECOMPUTE: dy_ptr holds dZ).
+    Split s stores to dx_ptr + s * stride_dxs: a partial when there is more than one split (dX
+    of short, wide-reduction shapes, which have too few output tiles to fill the GPU)."""
+    K, stride_wn, stride_dxm = _multiple(K, ALIGN_K), _multiple(stride_wn, ALIGN_K), _multiple(stride_dxm, ALIGN_K)
+    stride_dxs = _multiple(stride_dxs, ALIGN_K)
+    N, stride_dym, stride_vm = _multiple(N, ALIGN_N), _multiple(stride_dym, ALIGN_N), _multiple(stride_vm, ALIGN_N)
     pid_m, pid_k = _grouped_tile(tl.program_id(0), M, K, BLOCK_M, BLOCK_K, GROUP)
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = pid_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
     mask_m = offs_m < M
     mask_k = offs_k < K
+    cols_per_split = _multiple(cols_per_split, ALIGN_N)
+    n_start = tl.program_id(1).to(tl.int64) * cols_per_split
+    n_end = tl.multiple_of(tl.minimum(n_start + cols_per_split, N), ALIGN_N)  # both are multiples of it
     dy_rows = dy_ptr + offs_m[:, None] * stride_dym
     w_cols = w_ptr + offs_k[None, :] * stride_wk
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC_DTYPE)
-    for n0 in range(0, N, BLOCK_N):
+    for n0 in range(n_start, n_end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
         if EVEN_N:
             mask_mn = mask_m[:, None]
             mask_nk = mask_k[None, :]
         else:
-            mask_n = offs_n < N
+            mask_n = offs_n < n_end
             mask_mn = mask_m[:, None] & mask_n[None, :]
             mask_nk = mask_n[:, None] & mask_k[None, :]
         dy = tl.load(dy_rows + offs_n[None, :] * stride_dyn, mask=mask_mn, other=0.0).to(ACC_DTYPE)
@@ -634,12 +823,13 @@ def _linear_act_backward_dx_kernel(
         w = tl.load(w_cols + offs_n[:, None] * stride_wn, mask=mask_nk, other=0.0)
         dz = _grad_preact(dy, v, negative_slope, MODE, ACT).to(w.dtype)
         acc = tl.dot(dz, w, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-    tl.store(dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk,
-             acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_k[None, :])
+    tl.store(dx_ptr + tl.program_id(1).to(tl.int64) * stride_dxs + offs_m[:, None] * stride_dxm
+             + offs_k[None, :] * stride_dxk, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_k[None, :])
 
 
 @_autotune("dw")
 @triton.heuristics({"BYTE_ROWS": _byte_rows})
+@_ALIGN
 @triton.jit
 def _linear_act_backward_dw_kernel(
     dy_ptr, v_ptr, x_ptr, dw_ptr, db_ptr,
@@ -648,14 +838,18 @@ def _linear_act_backward_dw_kernel(
     stride_dws, stride_dwn, stride_dwk, stride_dbs, stride_db,
     negative_slope: tl.float64,
     ACT: tl.constexpr, MODE: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, BYTE_ROWS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, BYTE_ROWS: tl.constexpr, ALIGN_K: tl.constexpr,
+    ALIGN_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):
     """dW[BLOCK_N, BLOCK_K] = sum_m dZ[m, :]^T x[m, :] and db[BLOCK_N] = sum_m dZ[m, :] over the
     rows [s * rows_per_split, (s + 1) * rows_per_split) of split s = program_id(1), dZ formed in the
     operand load (from y, z or the packed sign mask, as MODE says) or read as is (MODE_RECOMPUTE).
     Split s stores to dw_ptr + s * stride_dws (a partial when there is more than one split, the
     result otherwise); db is stored by pid_k == 0."""
+    K, stride_xm = _multiple(K, ALIGN_K), _multiple(stride_xm, ALIGN_K)
+    stride_dws, stride_dwn = _multiple(stride_dws, ALIGN_K), _multiple(stride_dwn, ALIGN_K)
+    N, stride_dym, stride_vm = _multiple(N, ALIGN_N), _multiple(stride_dym, ALIGN_N), _multiple(stride_vm, ALIGN_N)
+    stride_dbs = _multiple(stride_dbs, ALIGN_N)
     if COMPUTE_DW:
         pid_n, pid_k = _grouped_tile(tl.program_id(0), N, K, BLOCK_N, BLOCK_K, GROUP)
     else:
@@ -697,11 +891,13 @@ def _linear_act_backward_dw_kernel(
 
 
 # Narrow layers (N and K at most NARROW_MAX): one backward kernel, one pass over the rows. On a GPU
-# only for 16-bit inputs on Hopper (sm_90+), where these configs compile with wgmma and no spills
-# (for the variants that have a config in SPILLS' terms: ``narrow_spill_free``); with mma.sync
-# (sm_8x) and with the FMA path of fp32-ieee the five live tiles (dY, y or z, x, W, and the dX / dW
-# accumulators) spill, so those take the two-kernel path.
+# only for 16-bit inputs on compute capability NARROW_CAPABILITY (H100, sm_90a), the one target
+# these configs were compiled and checked for (wgmma, no spills for the variants that have a config
+# in SPILLS' terms: ``narrow_spill_free``); with mma.sync (sm_8x) and with the FMA path of
+# fp32-ieee the five live tiles (dY, y or z, x, W, and the dX / dW accumulators) spill, and newer
+# targets (sm_100, sm_120) are unchecked, so those take the two-kernel path.
 NARROW_MAX = 64
+NARROW_CAPABILITY = (9, 0)
 # (BLOCK_M, num_warps, num_stages); the full (padded) N and K are the other two tile extents.
 NARROW_TILES = [(64, 4, 3), (128, 8, 3)]
 NARROW_MAX_BLOCK_M = 128
@@ -724,9 +920,9 @@ def _prune_narrow(configs, named_args, **kwargs):
     return [c for c in configs if spill_free("narrow", "hopper", config_tile("narrow", c), variant)] or configs
 
 
-@triton.autotune(configs=_make_narrow_configs(), key=["M", "N", "K"],
-                 prune_configs_by={"early_config_prune": _prune_narrow})
+@lambda fn: Tuner(fn, _make_narrow_configs(), _prune_narrow)
 @triton.heuristics({"BYTE_ROWS": _byte_rows})
+@_ALIGN
 @triton.jit
 def _linear_act_backward_narrow_kernel(
     dy_ptr, v_ptr, x_ptr, w_ptr, b_ptr, dx_ptr, dw_ptr, db_ptr,
@@ -736,8 +932,8 @@ def _linear_act_backward_narrow_kernel(
     negative_slope: tl.float64,
     ACT: tl.constexpr, MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
     COMPUTE_DX: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, BYTE_ROWS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, BYTE_ROWS: tl.constexpr, ALIGN_K: tl.constexpr,
+    ALIGN_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """The whole backward of a narrow layer (BLOCK_N >= N, BLOCK_K >= K: W and the dW partial stay
     on chip) in one pass over the rows [s * rows_per_split, (s + 1) * rows_per_split) of split
@@ -747,6 +943,11 @@ def _linear_act_backward_narrow_kernel(
     into this split's dW and db (partials when there is more than one split, reduced by
     _sum_splits_kernel). Reads dY, y or z (not with MODE_RECOMPUTE), x, W once; writes dX once:
     the bare-GEMM traffic floor."""
+    K, stride_xm, stride_wn = _multiple(K, ALIGN_K), _multiple(stride_xm, ALIGN_K), _multiple(stride_wn, ALIGN_K)
+    stride_dxm, stride_dws = _multiple(stride_dxm, ALIGN_K), _multiple(stride_dws, ALIGN_K)
+    stride_dwn = _multiple(stride_dwn, ALIGN_K)
+    N, stride_dym, stride_vm = _multiple(N, ALIGN_N), _multiple(stride_dym, ALIGN_N), _multiple(stride_vm, ALIGN_N)
+    stride_dbs = _multiple(stride_dbs, ALIGN_N)
     pid_s = tl.program_id(0)
     offs_n = tl.arange(0, BLOCK_N).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K).to(tl.int64)

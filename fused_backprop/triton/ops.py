@@ -198,22 +198,29 @@ def linear_act_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
 # Backward.
 # ------------------------------------------------------------------------------------------------
 
-def _num_splits(M: int, N: int, K: int, itemsize: int, device: torch.device, need_dw: bool) -> int:
-    """How many row blocks the dW/db reduction over M is split into. Only when N*K in 64x64 tiles
-    gives fewer programs than SMs (narrow layers, long M): then about two programs per SM, at least
-    1024 rows per split, and the fp32 workspace kept under 1/8 of the bytes the kernel reads.
-    Wider layers have enough output tiles, and the autotuner picks the tile size."""
+def _num_splits(role: str, M: int, N: int, K: int, itemsize: int, device: torch.device, need_dw: bool = True) -> int:
+    """How many pieces the reduction of the dW/db ("dw": over M) or dX ("dx": over N) kernel is
+    split into on this device: ``kernels.reduction_splits`` for its 64x64 output tiles."""
     if device.type != "cuda":
         return 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    tiles = triton.cdiv(N, 64) * (triton.cdiv(K, 64) if need_dw else 1)
-    if tiles >= sms:
-        return 1
-    want = triton.cdiv(2 * sms, tiles)
-    by_rows = max(1, M // 1024)
-    ws_per_split = 4 * ((N * K if need_dw else 0) + N)
-    by_bytes = max(1, (M * (2 * N + K) * itemsize // 8) // ws_per_split)
-    return max(1, min(want, by_rows, by_bytes))
+    return _k.reduction_splits(*_split_terms(role, M, N, K, itemsize, need_dw), sms)
+
+
+def _split_terms(role, M, N, K, itemsize, need_dw=True):
+    """(output tiles, reduction length, fp32 workspace bytes per split, bytes read) of the dW/db or dX GEMM."""
+    read = M * (2 * N + K) * itemsize if role == "dw" else (2 * M * N + N * K) * itemsize
+    if role == "dw":
+        return triton.cdiv(N, 64) * (triton.cdiv(K, 64) if need_dw else 1), M, 4 * ((N * K if need_dw else 0) + N), read
+    return triton.cdiv(M, 64) * triton.cdiv(K, 64), N, 4 * M * K, read
+
+
+def _split_length(length: int, s: int, exact: bool) -> int:
+    """Rows (columns) per split of a reduction of ``length`` in about s pieces: whole multiples of
+    the largest reduction step; with ``exact`` (the tests' override, which honours small counts) of
+    8, so that dX's splits start on whole bytes of a packed sign mask's rows."""
+    step = 8 if exact else _k.MAX_BLOCK_RED
+    return triton.cdiv(triton.cdiv(length, max(int(s), 1)), step) * step
 
 
 # Layers at most this wide (N and K, padded to powers of two) take the single-pass backward kernel;
@@ -226,8 +233,15 @@ def _use_narrow(N: int, K: int, x: torch.Tensor, act: int, mode: int) -> bool:
         return False
     if x.device.type != "cuda":
         return True  # the interpreter
-    return (x.dtype in (torch.float16, torch.bfloat16) and torch.cuda.get_device_capability(x.device)[0] >= 9
-            and _k.narrow_spill_free(act, mode, N % 8 == 0))
+    return narrow_on_gpu(torch.cuda.get_device_capability(x.device), x.dtype, act, mode, N % 8 == 0)
+
+
+def narrow_on_gpu(capability: tuple, dtype: torch.dtype, act: int, mode: int, byte_rows: bool) -> bool:
+    """Whether a narrow layer's backward takes the single-pass kernel on a GPU of this compute
+    capability: 16-bit inputs on kernels.NARROW_CAPABILITY only, for a variant with a spill-free
+    config."""
+    return (tuple(capability) == _k.NARROW_CAPABILITY and dtype in (torch.float16, torch.bfloat16)
+            and _k.narrow_spill_free(act, mode, byte_rows))
 
 
 def _splits_narrow(M: int, N: int, K: int, itemsize: int, device: torch.device) -> int:
@@ -240,6 +254,11 @@ def _splits_narrow(M: int, N: int, K: int, itemsize: int, device: torch.device) 
     return max(1, min(sms, M // 256, by_bytes))
 
 
+def _workspace_dtype(dtype):
+    """The dtype of split partials: fp32 (fp64 for fp64)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _split_outputs(s, N, K, need_dw, need_db, dtype, dev):
     """(dw, db, dw_t, db_t): the results, and where the s row splits write their partial dW / db
     (the results themselves when s == 1; else fp32 — fp64 for fp64 — workspaces of s slices)."""
@@ -247,9 +266,8 @@ def _split_outputs(s, N, K, need_dw, need_db, dtype, dev):
     db = torch.empty((N,), device=dev, dtype=dtype) if need_db else None
     if s == 1:
         return dw, db, dw, db
-    ws_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    dw_t = torch.empty((s, N, K), device=dev, dtype=ws_dtype) if need_dw else None
-    db_t = torch.empty((s, N), device=dev, dtype=ws_dtype) if need_db else None
+    dw_t = torch.empty((s, N, K), device=dev, dtype=_workspace_dtype(dtype)) if need_dw else None
+    db_t = torch.empty((s, N), device=dev, dtype=_workspace_dtype(dtype)) if need_db else None
     return dw, db, dw_t, db_t
 
 
@@ -301,7 +319,7 @@ def linear_act_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.T
                         splits: Optional[int] = None):
     """(dx, dw, db) of ``act(x @ weight.T + bias)``, None where output_mask is False or bias is None.
     ``out`` is y, z or the packed sign mask as the module docstring says; None recomputes the
-    pre-activation. ``splits`` overrides the dW/db split heuristic (tests use it to exercise the
+    pre-activation. ``splits`` overrides the dX and dW/db split heuristics (tests use it to exercise the
     two-stage reduction on the CPU)."""
     need_dx, need_dw = bool(output_mask[0]), bool(output_mask[1])
     need_db = bool(output_mask[2]) and bias is not None
@@ -346,22 +364,26 @@ def linear_act_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.T
 
         dx = None
         if need_dx:
+            s = splits if splits is not None else _num_splits("dx", M, N, K, x.element_size(), dev)
+            cols = _split_length(N, s, splits is not None)
+            s = triton.cdiv(N, cols)
             dx = torch.empty((M, K), device=dev, dtype=dtype)
-            grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),)  # noqa: E731
+            dx_t = dx if s == 1 else torch.empty((s, M, K), device=dev, dtype=_workspace_dtype(dtype))
+            grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]), s)  # noqa: E731
             _k._linear_act_backward_dx_kernel[grid](
-                src, v, weight, dx,
-                M, N, K,
-                src.stride(0), src.stride(1), *_v_strides(v),
-                weight.stride(0), weight.stride(1), dx.stride(0), dx.stride(1), slope,
+                src, v, weight, dx_t,
+                M, N, K, cols,
+                src.stride(0), src.stride(1), *_v_strides(v), weight.stride(0), weight.stride(1),
+                dx_t.stride(0) if s > 1 else 0, dx_t.stride(-2), dx_t.stride(-1), slope,
                 ACT=act, MODE=mode, ACC_DTYPE=acc_dtype, INPUT_PRECISION=precision,
             )
+            if s > 1:
+                _reduce_splits((dx_t,), (dx,))
 
         dw = db = None
         if need_dw or need_db:
-            s = splits if splits is not None else _num_splits(M, N, K, x.element_size(), dev, need_dw)
-            rows = triton.cdiv(triton.cdiv(M, max(int(s), 1)), _k.MAX_BLOCK_M) * _k.MAX_BLOCK_M
-            if splits is not None:  # tests: honour small row counts exactly
-                rows = triton.cdiv(M, max(int(s), 1))
+            s = splits if splits is not None else _num_splits("dw", M, N, K, x.element_size(), dev, need_dw)
+            rows = _split_length(M, s, splits is not None)
             s = triton.cdiv(M, rows)
             dw, db, dw_t, db_t = _split_outputs(s, N, K, need_dw, need_db, dtype, dev)
             dw_arg = dw_t if dw_t is not None else x
