@@ -9,8 +9,9 @@ from torch import nn
 
 from fused_backprop import ACTIVATIONS
 
-# (M, K, N): 0 rows, 1 row, K=1, N=1, and sizes that are multiples of no panel or tile.
-ODD_SHAPES = [(0, 5, 3), (1, 7, 4), (5, 1, 6), (6, 9, 1), (37, 13, 11), (130, 65, 33)]
+# (M, K, N): 0 rows, 1 row, K=1, N=1, and sizes that are multiples of no panel or tile (the last
+# one large enough for the float tile GEMM, csrc/cpu/tile_gemm.h).
+ODD_SHAPES = [(0, 5, 3), (1, 7, 4), (5, 1, 6), (6, 9, 1), (37, 13, 11), (130, 65, 33), (257, 70, 67)]
 DEFAULT_SLOPE = 0.01
 
 # torch's own activation of each name as an nn.Module, written here (not read from the package's

@@ -51,12 +51,20 @@ def eager(activation):
     return lambda x, w, b: TORCH_ACT[activation](F.linear(x, w, b))
 
 
-def close(actual, expected):
-    """Same pytree of tensors, equal in float64."""
+def close(actual, expected, dtype=torch.float64):
+    """Same pytree of tensors, equal within dtype's tolerance, its absolute part scaled by the
+    largest expected value (a float32 sum of many terms is off by a few ULP of the largest)."""
     a, e = torch.utils._pytree.tree_leaves(actual), torch.utils._pytree.tree_leaves(expected)
     assert len(a) == len(e)
     for u, v in zip(a, e):
-        torch.testing.assert_close(u, v, **TOL[torch.float64])
+        tol = dict(TOL[dtype])
+        tol["atol"] *= max(1.0, v.abs().max().item()) if v.numel() else 1.0
+        torch.testing.assert_close(u.to(v.dtype), v, **tol)
+
+
+def widened(args):
+    """args with their floating tensors in float64: the composite forms' reference arguments."""
+    return tuple(a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
 
 
 def loss(f):
@@ -333,12 +341,15 @@ def test_vmap_folds_rows(monkeypatch):
 
 
 @needs_cpu
+@pytest.mark.parametrize("dtype,m,k,n", [(torch.float64, 37, 13, 11), (torch.float32, 257, 70, 67)],
+                         ids=["float64", "float32-tiles"])
 @pytest.mark.parametrize("activation", ACTIVATIONS)
-def test_kernels_match_composite(activation):
+def test_kernels_match_composite(activation, dtype, m, k, n):
     """The fused second-order kernels against their composite forms, from every kind of kept
-    tensor (output or pre-activation, sign mask, none), with cotangents left out."""
-    x, w, b = inputs(lead=(), m=37, k=13, n=11)
-    g = torch.randn(37, 11, dtype=x.dtype)
+    tensor (output or pre-activation, sign mask, none), with cotangents left out; in float32 at a
+    size the tile GEMM takes (csrc/cpu/tile_gemm.h: m >= 256, tails in rows and columns)."""
+    x, w, b = sample_inputs(m, k, n, dtype=dtype)
+    g = torch.randn(m, n, dtype=x.dtype)
     xt, wt, bt = torch.randn_like(x), torch.randn_like(w), torch.randn_like(b)
     z = F.linear(x, w, b)
     y = TORCH_ACT[activation](z)
@@ -350,14 +361,14 @@ def test_kernels_match_composite(activation):
             for tangents in ((xt, wt, bt), (xt, None, None), (None, wt, None), (None, None, bt)):
                 args = (x, w, b, *tangents, kept, activation, SLOPE)
                 assert func.kernel_values(x, w, b, *tangents, kept) is not None
-                close(func.linear_act_tangent(*args), func.linear_act_tangent_composite(*args))
+                close(func.linear_act_tangent(*args), func.linear_act_tangent_composite(*widened(args)), dtype)
                 for mask in ((True, True, True, True), (False, True, False, True), (True, False, True, False)):
                     args = (g, x, w, b, kept, *tangents, activation, SLOPE, mask)
-                    got, want = func.linear_act_bwd_bwd(*args), func.linear_act_bwd_bwd_composite(*args)
+                    got, want = func.linear_act_bwd_bwd(*args), func.linear_act_bwd_bwd_composite(*widened(args))
                     for a, e, shape in zip(got, want, (g.shape, x.shape, w.shape, b.shape)):
                         # None (zero by structure) in the composite, zeros from the kernel
                         close(a if a is not None else torch.zeros(shape, dtype=x.dtype),
-                              e if e is not None else torch.zeros(shape, dtype=x.dtype))
+                              e if e is not None else torch.zeros(shape, dtype=torch.float64), dtype)
 
 
 def test_eager_and_transform_forms():

@@ -121,9 +121,13 @@ void act_rows(T* out, const T* b, int64_t rows, int64_t n, at::opmath_type<T> a,
   }
 }
 
-// Whether a float GEMM with k_all multiply-adds per output takes tile_gemm.h's kernel: enabled
-// for this CPU and a column block of B, packed, in half of L2 (else the BLAS).
-bool use_tile_gemm(int64_t k_all) { return kHaveTileGemm && tile_gemm_enabled() && TileGemm::fits(k_all); }
+// Whether a float GEMM of m rows with k_all multiply-adds per output takes tile_gemm.h's kernel:
+// enabled for this CPU, a column block of B, packed, in half of L2, and rows enough to pay for
+// packing B (an (n x k) copy per call: at one row, 1x256x256 forward took 7x eager's time).
+constexpr int64_t kTileMinRows = 256;
+bool use_tile_gemm(int64_t m, int64_t k_all) {
+  return kHaveTileGemm && m >= kTileMinRows && tile_gemm_enabled() && TileGemm::fits(k_all);
+}
 
 // Rows [r0, r1) of a tile GEMM through epi on all threads, in blocks of whole tiles with at least
 // kMinTaskMacs multiply-adds per task.
@@ -153,7 +157,7 @@ template <typename T, Activation A>
 void forward_kernel(const T* x, const T* w, const T* b, T* out, T* preact, int64_t m, int64_t k, int64_t n,
                     at::opmath_type<T> a) {
   if constexpr (std::is_same_v<T, float> && kHaveTileGemm) {
-    if (use_tile_gemm(k)) return forward_tiles<A>(x, w, b, out, preact, m, k, n, a);
+    if (use_tile_gemm(m, k)) return forward_tiles<A>(x, w, b, out, preact, m, k, n, a);
   }
   if (!kReduced<T> && use_chunks(m, n * k * int64_t(sizeof(T)))) {
     // One multithreaded GEMM per chunk of rows, then the epilogue on all threads while the chunk
@@ -352,7 +356,7 @@ void backward_kernel(const T* g, const T* x, const T* w, const T* b, const T* y,
   // dx = dz · W by the tile GEMM (float): A is each panel's dz, given per call.
   std::optional<TileGemm> dx_tiles;
   if constexpr (std::is_same_v<T, float> && kHaveTileGemm) {
-    if (dx != nullptr && use_tile_gemm(n)) dx_tiles.emplace(std::initializer_list<TileTerm>{{dz_store, n, w, k, n, /*b_trans=*/true}}, k);
+    if (dx != nullptr && use_tile_gemm(m, n)) dx_tiles.emplace(std::initializer_list<TileTerm>{{dz_store, n, w, k, n, /*b_trans=*/true}}, k);
   }
 
   at::parallel_for(0, panels, panel_grain(rows, k, n), [&](int64_t p0, int64_t p1) {
@@ -426,7 +430,7 @@ void tangent_kernel(const T* x, const T* w, const T* b, const T* x_t, const T* w
   if constexpr (std::is_same_v<T, float> && kHaveTileGemm) {
     // Both tangent GEMMs in one tile GEMM, act' applied to its registers: from y, or from z
     // recomputed into out by a tile GEMM of its own just before, tile by tile.
-    if (sign_mask == nullptr && use_tile_gemm(2 * k)) {
+    if (sign_mask == nullptr && use_tile_gemm(m, 2 * k)) {
       using V = at::vec::Vectorized<float>;
       const TileGemm tg({{x_t, k, w, k, k}, {x, k, w_t, k, k}}, n);
       const auto tangent = [=](int64_t i, int64_t j, V acc, int count) {
@@ -494,7 +498,7 @@ void bwd_bwd_kernel(const T* g, const T* x, const T* w, const T* b, const T* y, 
   std::vector<acc_t> gb_part(g_b != nullptr ? threads * n : 0), gb_acc(g_b != nullptr ? n : 0, acc_t(0));
   // From a kept y, float: t's two GEMMs in one tile GEMM, whose epilogue forms g_g, gz (into t)
   // and dz on its registers.
-  const bool tiles = std::is_same_v<T, float> && y != nullptr && use_tile_gemm(2 * k);
+  const bool tiles = std::is_same_v<T, float> && y != nullptr && use_tile_gemm(m, 2 * k);
   for_chunks(m, chunk, [&](int64_t c0, int64_t r) {
     const T* x_c = x + c0 * k;
     const T* g_c = g + c0 * n;
