@@ -138,12 +138,13 @@ bool valid(const at::Tensor& input, const at::Tensor& weight, const OptTensor& b
          (!bias.has_value() || bias->scalar_type() == input.scalar_type());
 }
 
-// linear_act on checked arguments: autocast, the kernel, autograd, the leading dims restored.
+// linear_act on valid arguments, autocast applied: the kernel, autograd, the leading dims restored.
 at::Tensor linear_act(at::Tensor input, at::Tensor weight, OptTensor bias, Activation act, std::string_view name,
                       double negative_slope, bool recompute) {
   const int64_t n = weight.size(0), k = weight.size(1);
   const bool flat = input.dim() == 2;
-  const at::Tensor x = flat ? input : input.reshape({c10::multiply_integers(input.sizes().slice(0, input.dim() - 1)), k});
+  const at::Tensor x =
+      flat ? input : input.reshape({c10::multiply_integers(input.sizes().slice(0, input.dim() - 1)), k});
   const bool grad = ag::compute_requires_grad(x, weight, bias);
   at::Tensor out, kept;
   bool keep_out = false;
@@ -188,7 +189,7 @@ PyObject* linear_act_entry(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     return nullptr;
   }
   PyObject* const slope = args[4];
-  const bool slope_ok = PyFloat_CheckExact(slope) || (PyLong_CheckExact(slope));
+  const bool slope_ok = PyFloat_CheckExact(slope) || PyLong_CheckExact(slope);
   const auto name = str(args[3]), backend = str(args[6]);
   const std::optional<Activation> act = name ? activation_of(*name) : std::nullopt;
   if (g_backward == nullptr || !slope_ok || !PyBool_Check(args[5]) || !act || !backend ||
@@ -200,7 +201,10 @@ PyObject* linear_act_entry(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   const at::Tensor* bias = args[2] == Py_None ? nullptr : plain_tensor(args[2]);
   if (input == nullptr || weight == nullptr || (args[2] != Py_None && bias == nullptr)) Py_RETURN_NONE;
   const double negative_slope = PyFloat_AsDouble(slope);
-  if (negative_slope == -1.0 && PyErr_Occurred()) return nullptr;  // an int too large for a double
+  if (negative_slope == -1.0 && PyErr_Occurred()) {  // an int too large for a double: check_negative_slope's
+    PyErr_Clear();
+    Py_RETURN_NONE;
+  }
   at::Tensor x = *input, w = *weight;
   OptTensor b = bias ? OptTensor(*bias) : std::nullopt;
   if (at::autocast::is_autocast_enabled(at::kCPU)) {

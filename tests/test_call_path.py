@@ -179,6 +179,8 @@ def test_errors_come_from_the_python_checks():
         fb.linear_act(x, w, b, "leaky_relu", negative_slope=True)
     with pytest.raises(TypeError, match="bias must have the same dtype as input"):
         fb.linear_act(x, w, b.float())
+    with pytest.raises(OverflowError):  # float(negative_slope), as the Python path has always raised
+        fb.linear_act(x, w, b, "leaky_relu", negative_slope=10 ** 400)
 
 
 def test_compile_traces_the_registered_ops():
