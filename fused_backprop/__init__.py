@@ -4,7 +4,7 @@ and Triton on NVIDIA GPUs)."""
 
 from . import _ops  # noqa: F401  (loads the compiled ops first)
 from ._ops import cpu_capability
-from . import backends, reference
+from . import backends, functional, reference
 from .activations import NAMES as ACTIVATIONS
 from .backends import available_backends
 from .functional import linear_act, linear_relu, linear_sigmoid
@@ -21,3 +21,4 @@ __all__ = [
 __version__ = "0.1.0"
 
 backends.load_all()
+functional.init_call_path()

@@ -10,12 +10,34 @@ import math
 import torch
 from torch.autograd import forward_ad
 
-from . import backends
+from . import _ops, backends
 from ._checks import check_activation, check_linear_args, check_negative_slope, check_recompute
 from .activations import DEFAULT_NEGATIVE_SLOPE
-from .autograd import EagerLinearActFunction, LinearActFunction
+from .autograd import EagerLinearActFunction, LinearActFunction, linear_act_backward
 
 _functorch_active = torch._C._are_functorch_transforms_active
+_is_compiling = torch.compiler.is_compiling
+
+
+def _no_call_path(*args):
+    return None
+
+
+# The C++ call path (csrc/call_path.cpp): plain calls on CPU tensors in one C++ call, with a C++
+# autograd node; it returns None for every other call (a transform, a mode, CUDA, bad arguments),
+# which then takes the Python path below. A forward-AD level and torch.compile's tracing are
+# ruled out here: the first has no C++ check as cheap, the second must trace the Python path.
+_call_path = _no_call_path
+
+
+def init_call_path() -> None:
+    """Turns the C++ call path on where the compiled CPU backend is what "auto" runs on the CPU
+    (called once the backends are loaded)."""
+    global _call_path
+    cpu = backends.get("cpu")
+    if cpu is not None and cpu.supports(torch.device("cpu")) and backends.resolve("auto", torch.device("cpu")) is cpu:
+        _ops._C._init_call_path(linear_act_backward, cpu)
+        _call_path = _ops._C.linear_act
 
 
 def linear_act(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -28,6 +50,10 @@ def linear_act(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     and parameters for backward (and relu's or leaky relu's 1-bit sign mask) and recomputes the
     pre-activation there instead of keeping the output. ``backend`` is "auto" (fastest built
     backend for the input's device) or one of ``fused_backprop.available_backends(device)``."""
+    if forward_ad._current_level < 0 and not _is_compiling():
+        out = _call_path(input, weight, bias, activation, negative_slope, recompute, backend)
+        if out is not None:
+            return out
     input, weight, bias = autocast_args(input, weight, bias)
     check_linear_args(input, weight, bias)
     check_activation(activation)

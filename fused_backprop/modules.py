@@ -69,7 +69,13 @@ class FusedLinearAct(nn.Module):
         self._set_activation(activation, negative_slope)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return linear_act(input, self.weight, self.bias, self.activation, negative_slope=self.negative_slope,
+        # The registered parameters straight from _parameters: self.weight goes through
+        # nn.Module.__getattr__, 0.3-0.6 us a lookup, a tenth of a small layer's call. (A
+        # parametrized weight is no longer there: then the attribute.)
+        params = self._parameters
+        weight = params["weight"] if "weight" in params else self.weight
+        bias = params["bias"] if "bias" in params else self.bias
+        return linear_act(input, weight, bias, self.activation, negative_slope=self.negative_slope,
                           recompute=self.recompute, backend=self.backend)
 
     def extra_repr(self) -> str:

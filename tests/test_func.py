@@ -372,10 +372,13 @@ def test_kernels_match_composite(activation, dtype, m, k, n):
 
 
 def test_eager_and_transform_forms():
-    """Plain calls take the combined-form Function (Function.apply binds a setup_context form's
-    arguments with inspect.signature on every call); transforms and dual levels the other."""
+    """Plain calls take the C++ call path (tests/test_call_path.py) or, where it declines (here
+    another backend), the combined-form Function (Function.apply binds a
+    setup_context form's arguments with inspect.signature on every call); transforms and dual
+    levels the other."""
     x, w, b = sample_inputs(5, 4, 3, requires_grad=True)
-    assert type(fb.linear_act(x, w, b).grad_fn).__name__ == "EagerLinearActFunctionBackward"
+    assert fb.linear_act(x, w, b).grad_fn.name() == "FusedLinearActBackward"
+    assert type(fb.linear_act(x, w, b, backend="torch").grad_fn).__name__ == "EagerLinearActFunctionBackward"
     mlp = _mlp("relu", "block", "auto")
     assert type(mlp(x.double()).grad_fn).__name__ == "EagerBlockFunctionBackward"
     import torch.autograd.forward_ad as fwAD

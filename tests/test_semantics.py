@@ -3,8 +3,6 @@ and large |z| (forward and gradients, every dtype), within a measured ULP bound 
 relu'(0) = 0 and leaky_relu'(0) = negative_slope, sigmoid stays finite at the extremes, empty
 inputs give empty outputs and zero parameter gradients."""
 
-import dataclasses
-
 import pytest
 import torch
 from helpers import ACT_CASES, TOL, TORCH_FUNCTIONS, dtype_id, layer_grads, torch_layer
@@ -255,19 +253,19 @@ def test_zero_in_features_is_the_bias(backend, activation, slope):
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="compiled extension not built")
 @pytest.mark.parametrize("activation", ["relu", "gelu"])  # the output kept; the pre-activation kept
-def test_only_needed_gradients_are_computed(monkeypatch, activation):
+@pytest.mark.parametrize("path", ["C++", "Python"])  # functional.py's call paths
+def test_only_needed_gradients_are_computed(monkeypatch, activation, path):
     """The kernel is asked only for the gradients autograd needs (no dX GEMM for an input that
-    needs no grad, no dW/db for frozen parameters)."""
-    cpu, masks = fb.backends.get("cpu"), []
-
-    def spy(*args):
-        masks.append(tuple(args[6]))
-        return cpu.backward(*args)
-
-    monkeypatch.setitem(fb.backends._REGISTRY, "cpu", dataclasses.replace(cpu, backward=spy))
+    needs no grad, no dW/db for frozen parameters): the output_mask the profiler sees
+    linear_act_bwd called with."""
+    if path == "Python":
+        monkeypatch.setattr(fb.functional, "_call_path", fb.functional._no_call_path)
     for needs, want in [((False, True, False), (False, True, False)), ((True, False, False), (True, False, False)),
                         ((False, False, True), (False, False, True)), ((True, True, True), (True, True, True))]:
         x, w, b = (torch.randn(*s).requires_grad_(r) for s, r in zip([(6, 4), (3, 4), (3,)], needs))
-        fb.linear_act(x, w, b, activation, backend="cpu").sum().backward()
-        assert masks[-1] == want
+        y = fb.linear_act(x, w, b, activation, backend="cpu")
+        with torch.profiler.profile(record_shapes=True) as prof:
+            y.sum().backward()
+        masks = [tuple(e.concrete_inputs[6]) for e in prof.events() if e.name == "fused_backprop::linear_act_bwd"]
+        assert masks == [want]
         assert [t.grad is not None for t in (x, w, b)] == list(needs)

@@ -620,6 +620,12 @@ void sign_mask_bytes(const T* y, int64_t numel, uint8_t* bytes, int64_t j0, int6
   }
 }
 
+}  // namespace fused_backprop::cpu::CPU_CAPABILITY
+
+#include "cpu/small_m.h"  // small_forward, small_backward: built on the kernels above
+
+namespace fused_backprop::cpu::CPU_CAPABILITY {
+
 // The entry points of the table: the dtype and activation become template arguments.
 template <typename F>
 void dispatch_dtype(at::ScalarType dtype, F&& f) {
@@ -630,6 +636,11 @@ void dispatch_dtype(at::ScalarType dtype, F&& f) {
 inline void forward(const ForwardArgs& a) {
   dispatch_dtype(a.dtype, [&]<typename T>(T*) {
     dispatch_activation(a.act, [&]<Activation A>() {
+      if (small_forward<T, A>(static_cast<const T*>(a.x), static_cast<const T*>(a.w), static_cast<const T*>(a.b),
+                              static_cast<T*>(a.out), static_cast<T*>(a.preact), a.m, a.k, a.n,
+                              static_cast<at::opmath_type<T>>(a.a))) {
+        return;
+      }
       forward_kernel<T, A>(static_cast<const T*>(a.x), static_cast<const T*>(a.w), static_cast<const T*>(a.b),
                            static_cast<T*>(a.out), static_cast<T*>(a.preact), a.m, a.k, a.n,
                            static_cast<at::opmath_type<T>>(a.a));
@@ -640,6 +651,12 @@ inline void forward(const ForwardArgs& a) {
 inline void backward(const BackwardArgs& a) {
   dispatch_dtype(a.dtype, [&]<typename T>(T*) {
     dispatch_activation(a.act, [&]<Activation A>() {
+      if (small_backward<T, A>(static_cast<const T*>(a.g), static_cast<const T*>(a.x), static_cast<const T*>(a.w),
+                               static_cast<const T*>(a.b), static_cast<const T*>(a.y), a.sign_mask, a.m, a.k, a.n,
+                               static_cast<T*>(a.dx), static_cast<T*>(a.dw), static_cast<T*>(a.db),
+                               static_cast<at::opmath_type<T>>(a.a))) {
+        return;
+      }
       backward_kernel<T, A>(static_cast<const T*>(a.g), static_cast<const T*>(a.x), static_cast<const T*>(a.w),
                             static_cast<const T*>(a.b), static_cast<const T*>(a.y), a.sign_mask, a.m, a.k, a.n,
                             static_cast<T*>(a.dx), static_cast<T*>(a.dw), static_cast<T*>(a.db),
