@@ -59,6 +59,8 @@ def test_unknown_activation_backend_recompute():
         fb.linear_act(x, w, b, "swish")
     with pytest.raises(ValueError, match=r"backend must be 'auto' or one of .*got 'fast'"):
         fb.linear_act(x, w, b, backend="fast")
+    with pytest.raises(ValueError, match=r"backend must be 'auto' or one of .*got \['cpu'\]"):
+        fb.linear_act(x, w, b, backend=["cpu"])
     with pytest.raises(TypeError, match="recompute must be a bool"):
         fb.linear_act(x, w, b, recompute="yes")
     with pytest.raises(ValueError, match="activation must be one of " + NAMES + ", got 'gelu_erf'"):

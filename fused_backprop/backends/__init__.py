@@ -137,7 +137,7 @@ def resolve(name: str, device: torch.device) -> Backend:
                 raise RuntimeError(f"fused_backprop: no backend supports device {device}")
             _AUTO[device.type] = found[0]
         return _AUTO[device.type]
-    if name not in _MODULES:
+    if not isinstance(name, str) or name not in _MODULES:
         raise ValueError(f"fused_backprop: backend must be 'auto' or one of {names()}, got {name!r}")
     backend = get(name)
     if backend is None:
