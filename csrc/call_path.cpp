@@ -30,6 +30,7 @@
 
 #include "activation.h"
 #include "op_calls.h"
+#include "ops.h"
 
 namespace fused_backprop {
 namespace {
@@ -118,13 +119,6 @@ std::optional<std::string_view> str(PyObject* obj) {
   return std::string_view(s, size);
 }
 
-std::optional<Activation> activation_of(std::string_view name) {
-  for (int i = 0; i < kNumActivations; ++i) {
-    if (name == kActivations[i].name) return static_cast<Activation>(i);
-  }
-  return std::nullopt;
-}
-
 bool is_float_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf;
 }
@@ -191,7 +185,7 @@ PyObject* linear_act_entry(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   PyObject* const slope = args[4];
   const bool slope_ok = PyFloat_CheckExact(slope) || PyLong_CheckExact(slope);
   const auto name = str(args[3]), backend = str(args[6]);
-  const std::optional<Activation> act = name ? activation_of(*name) : std::nullopt;
+  const std::optional<Activation> act = name ? find_activation(*name) : std::nullopt;
   if (g_backward == nullptr || !slope_ok || !PyBool_Check(args[5]) || !act || !backend ||
       (*backend != "auto" && *backend != "cpu") || !plain_context()) {
     Py_RETURN_NONE;

@@ -9,10 +9,15 @@
 
 namespace fused_backprop {
 
-Activation parse_activation(std::string_view activation) {
+std::optional<Activation> find_activation(std::string_view name) {
   for (int i = 0; i < kNumActivations; ++i) {
-    if (activation == kActivations[i].name) return static_cast<Activation>(i);
+    if (name == kActivations[i].name) return static_cast<Activation>(i);
   }
+  return std::nullopt;
+}
+
+Activation parse_activation(std::string_view activation) {
+  if (const auto act = find_activation(activation)) return *act;
   std::string valid;
   for (const auto& a : kActivations) valid += (valid.empty() ? "'" : ", '") + std::string(a.name) + "'";
   TORCH_CHECK_VALUE(false, "fused_backprop: activation must be one of ", valid, "; got '", std::string(activation),

@@ -13,6 +13,9 @@
 
 namespace fused_backprop {
 
+// The activation of activations.def called `name`, or nullopt.
+std::optional<Activation> find_activation(std::string_view name);
+
 // Parses an activation name of activations.def; anything else is an error that names the argument
 // and lists the valid names.
 Activation parse_activation(std::string_view activation);

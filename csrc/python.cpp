@@ -46,7 +46,7 @@ PYBIND11_MODULE(_C, m) {
   }, "The activations the compiled kernels have (csrc/activations.def), in its order.");
   m.def("cpu_capability", [] { return std::string(fused_backprop::cpu::kernels().level); },
         "The SIMD level the CPU kernels run.");
-  m.def("_tile_gemm", [] { return fused_backprop::cpu::tile_gemm_enabled() && std::string(fused_backprop::cpu::kernels().level) != "DEFAULT"; },
+  m.def("_tile_gemm", [] { return fused_backprop::cpu::kernels().has_tile_gemm && fused_backprop::cpu::tile_gemm_enabled(); },
         "Whether float GEMMs with an epilogue run csrc/cpu/tile_gemm.h's kernel rather than the BLAS.");
   m.def("_cache_bytes", [] { return std::make_tuple(fused_backprop::cpu::l2_cache_bytes(), fused_backprop::cpu::l3_cache_bytes()); },
         "(L2, L3) cache sizes the CPU kernels size their panels and chunks by.");

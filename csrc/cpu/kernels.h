@@ -67,6 +67,7 @@ struct BwdBwdArgs {
 
 struct Kernels {
   const char* level;  // "DEFAULT", "AVX2", "AVX512"
+  bool has_tile_gemm;  // whether this level has tile_gemm.h's kernel (AVX2, AVX512)
   void (*forward)(const ForwardArgs&);
   void (*backward)(const BackwardArgs&);
   // bytes[j] bit i = Act<act>::mask_bit(y[8j + i]) for the numel elements of y (of type dtype).

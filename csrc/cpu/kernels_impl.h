@@ -129,13 +129,13 @@ bool use_tile_gemm(int64_t m, int64_t k_all) {
   return kHaveTileGemm && m >= kTileMinRows && tile_gemm_enabled() && TileGemm::fits(k_all);
 }
 
-// Rows [r0, r1) of a tile GEMM through epi on all threads, in blocks of whole tiles with at least
-// kMinTaskMacs multiply-adds per task.
-template <typename Epi>
-void tile_rows_parallel(const TileGemm& tg, int64_t r0, int64_t r1, int64_t k_all, int64_t n, const Epi& epi) {
+// rows(i0, i1) over [r0, r1) on all threads, in blocks of whole tiles with at least kMinTaskMacs
+// multiply-adds (k_all per output) per task.
+template <typename Rows>
+void tile_rows_parallel(int64_t r0, int64_t r1, int64_t k_all, int64_t n, const Rows& rows) {
   const int64_t blocks = (r1 - r0 + kTileRows - 1) / kTileRows;
   at::parallel_for(0, blocks, panel_grain(kTileRows, k_all, n), [&](int64_t b0, int64_t b1) {
-    tg.rows(r0 + b0 * kTileRows, std::min(r1, r0 + b1 * kTileRows), epi);
+    rows(r0 + b0 * kTileRows, std::min(r1, r0 + b1 * kTileRows));
   });
 }
 
@@ -146,11 +146,12 @@ void forward_tiles(const float* x, const float* w, const float* b, float* out, f
                    int64_t n, float a) {
   using V = at::vec::Vectorized<float>;
   const TileGemm tg({{x, k, w, k, k}}, n);
-  tile_rows_parallel(tg, 0, m, k, n, [=](int64_t i, int64_t j, V acc, int count) {
+  const auto epi = [=](int64_t i, int64_t j, V acc, int count) {
     const V z = b != nullptr ? acc + V::loadu(b + j, count) : acc;
     if (preact != nullptr) z.store(preact + i * n + j, count);
     Act<A>::template forward<V, VecMath>(z, V(a)).store(out + i * n + j, count);
-  });
+  };
+  tile_rows_parallel(0, m, k, n, [&](int64_t i0, int64_t i1) { tg.rows(i0, i1, epi); });
 }
 
 template <typename T, Activation A>
@@ -439,19 +440,17 @@ void tangent_kernel(const T* x, const T* w, const T* b, const T* x_t, const T* w
                                   : Act<A>::template grad_from_preact<V, VecMath>(V::loadu(out + i * n + j, count), V(a));
         (t * d1).store(out + i * n + j, count);
       };
-      if (y != nullptr) return tile_rows_parallel(tg, 0, m, 2 * k, n, tangent);
+      if (y != nullptr) return tile_rows_parallel(0, m, 2 * k, n, [&](int64_t i0, int64_t i1) { tg.rows(i0, i1, tangent); });
       const TileGemm z_tg({{x, k, w, k, k}}, n);
       const auto preact = [=](int64_t i, int64_t j, V acc, int count) {
         (b != nullptr ? acc + V::loadu(b + j, count) : acc).store(out + i * n + j, count);
       };
-      const int64_t blocks = (m + kTileRows - 1) / kTileRows;
-      at::parallel_for(0, blocks, panel_grain(kTileRows, 3 * k, n), [&](int64_t b0, int64_t b1) {
-        for (int64_t i = b0 * kTileRows; i < std::min(m, b1 * kTileRows); i += kTileRows) {
-          z_tg.rows(i, std::min(m, i + kTileRows), preact);
-          tg.rows(i, std::min(m, i + kTileRows), tangent);
+      return tile_rows_parallel(0, m, 3 * k, n, [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; i += kTileRows) {
+          z_tg.rows(i, std::min(i1, i + kTileRows), preact);
+          tg.rows(i, std::min(i1, i + kTileRows), tangent);
         }
       });
-      return;
     }
   }
   const int64_t chunk = chunk_rows(m, n * int64_t(sizeof(T)));
@@ -507,7 +506,7 @@ void bwd_bwd_kernel(const T* g, const T* x, const T* w, const T* b, const T* y, 
       if (tiles) {
         using V = at::vec::Vectorized<float>;
         const TileGemm tg({{ggx, k, w, k, k}, {x, k, ggw, k, k}}, n);
-        tile_rows_parallel(tg, c0, c0 + r, 2 * k, n, [&](int64_t i, int64_t j, V acc, int count) {
+        const auto epi = [&](int64_t i, int64_t j, V acc, int count) {
           const int64_t at = i * n + j, at_c = at - c0 * n;
           const V tv = ggb != nullptr ? acc + V::loadu(ggb + j, count) : acc;
           const V v = V::loadu(y + at, count), gv = V::loadu(g + at, count);
@@ -524,7 +523,8 @@ void bwd_bwd_kernel(const T* g, const T* x, const T* w, const T* b, const T* y, 
             }
           }
           if (g_x != nullptr || g_w != nullptr) (gv * d1).store(dz + at_c, count);
-        });
+        };
+        tile_rows_parallel(c0, c0 + r, 2 * k, n, [&](int64_t i0, int64_t i1) { tg.rows(i0, i1, epi); });
       }
     }
     if (!tiles) {
@@ -701,7 +701,7 @@ inline void bwd_bwd(const BwdBwdArgs& a) {
 #define FB_STRINGIFY2(x) #x
 #define FB_STRINGIFY(x) FB_STRINGIFY2(x)
 // Declared in kernels.h; constant-initialised, so no code of this level runs at load time.
-constinit const Kernels kernels{FB_STRINGIFY(CPU_CAPABILITY), &forward, &backward, &sign_mask_pack, &tangent,
+constinit const Kernels kernels{FB_STRINGIFY(CPU_CAPABILITY), kHaveTileGemm, &forward, &backward, &sign_mask_pack, &tangent,
                                 &bwd_bwd};
 #undef FB_STRINGIFY
 #undef FB_STRINGIFY2

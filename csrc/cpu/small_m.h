@@ -8,7 +8,7 @@
 // where one took 15 us (AMD EPYC, 2 cores, another process's tests running; interleaved samples).
 // Where the pool is idle, threads cannot pay at this size either: a few microseconds of GEMM.
 //
-// Part of kernels_impl.h (compiled per SIMD level): uses its act_rows, form_dz and scratch.
+// Part of kernels_impl.h (compiled per SIMD level): uses its preact_rows, act_rows, form_dz and scratch.
 #pragma once
 
 extern "C" {
@@ -48,8 +48,7 @@ bool small_forward(const T* x, const T* w, const T* b, T* out, T* preact, int64_
                    at::opmath_type<T> a) {
   if (kReduced<T> || !run_serial(m, k, n, sizeof(T))) return false;
   SerialBlas serial;
-  for (int64_t i = 0; i < m; ++i) std::memcpy(out + i * n, b, n * sizeof(T));  // beta = 1, as addmm
-  gemm<T>(m, n, k, {x, k}, {w, k, /*trans=*/true}, out, n, /*accumulate=*/true);
+  preact_rows(SharedB<T>({w, k, /*trans=*/true}, m, m, k, n), x, k, b, out, m, n);  // one block: not packed
   act_rows<T, A>(out, nullptr, m, n, a, preact);
   return true;
 }
@@ -63,8 +62,7 @@ bool small_backward(const T* g, const T* x, const T* w, const T* b, const T* y, 
   at::Tensor holder;
   T* dz = scratch<T>(holder, m * n);
   if (y == nullptr && sign_mask == nullptr) {  // recompute z = x·Wᵀ + b into dz
-    for (int64_t i = 0; i < m; ++i) std::memcpy(dz + i * n, b, n * sizeof(T));
-    gemm<T>(m, n, k, {x, k}, {w, k, /*trans=*/true}, dz, n, /*accumulate=*/true);
+    preact_rows(SharedB<T>({w, k, /*trans=*/true}, m, m, k, n), x, k, b, dz, m, n);
   }
   form_dz<T, A>(dz, g, y, sign_mask, nullptr, 0, m, n, a);
   if (db != nullptr) {
