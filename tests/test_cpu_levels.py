@@ -160,6 +160,44 @@ def test_simd_instructions_stay_in_their_level():
     assert "zmm" in dump and "ymm" in dump
 
 
+# The libm functions the activations would otherwise call once per element (float, and at
+# DEFAULT double too, where at::vec's Vectorized maps them over its lanes).
+_LIBM_MATH = re.compile(r"\s(?:call|jmp)\s.*<(expf?|erff?|tanhf?)(?:@plt)?>")
+
+
+def libm_calls(library: str) -> Counter:
+    """(function, libm function) -> count of calls in the level namespaces' code."""
+    dump = subprocess.run(["objdump", "-d", "--no-show-raw-insn", library], capture_output=True, text=True,
+                          check=True).stdout
+    calls, func = Counter(), None
+    for line in dump.splitlines():
+        if line.endswith(">:"):
+            func = line.split("<", 1)[1][:-2]
+        elif func is not None and _LEVEL_IN_NAME.search(func) and (m := _LIBM_MATH.search(line)):
+            calls[(func, m.group(1))] += 1
+    return calls
+
+
+@needs_build
+@pytest.mark.skipif(not X86, reason="x86-64 disassembly")
+def test_no_libm_call_per_element():
+    """The activations' exp, erf and tanh are vectorised at every level: no kernel calls libm's
+    (csrc/cpu/portable_math.h serves the DEFAULT level, where at::vec's would)."""
+    calls = libm_calls(_ops._C.__file__)
+    assert not calls, "libm calls in the kernels:\n" + "\n".join(
+        f"  {n} x {f} in {name[:160]}" for (name, f), n in calls.most_common(20))
+
+
+def test_libm_call_check_finds_a_call(tmp_path):
+    """The check above reports a level's loop that calls expf per element."""
+    src = tmp_path / "lib.cpp"
+    src.write_text("#include <cmath>\nnamespace fused_backprop::cpu::DEFAULT { void f(float* a, int n) {"
+                   " for (int i = 0; i < n; ++i) a[i] = std::exp(a[i]); } }\n")
+    lib = tmp_path / "lib.so"
+    subprocess.run(["g++", "-O3", "-shared", "-fPIC", str(src), "-o", str(lib)], check=True)
+    assert [f for _, f in libm_calls(str(lib))] == ["expf"]
+
+
 def _cross_compiler():
     return shutil.which("aarch64-linux-gnu-g++")
 

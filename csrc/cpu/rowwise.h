@@ -14,6 +14,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <cmath>
+#include <cstring>
 #include <tuple>
 #include <type_traits>
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
@@ -21,12 +22,37 @@
 #endif
 
 #include "activation.h"
+#include "cpu/portable_math.h"
 
 namespace fused_backprop::cpu::CPU_CAPABILITY {
 
-// e^v, SIMD-wide. ATen's Vectorized::exp (Sleef, 1 ULP) at DEFAULT; for AVX2 and AVX-512 float,
-// a shorter sequence (Tang's table method): v = (Nk + j) ln2/N + r, so e^v = 2^k · 2^(j/N) · e^r
-// with |r| <= ln2/(2N), where e^r needs only a short polynomial. 2^(j/N) comes from a table held
+#if !defined(CPU_CAPABILITY_AVX2) && !defined(CPU_CAPABILITY_AVX512)
+inline constexpr bool kPortableMath = true;
+// The DEFAULT level's exp, erf and double tanh: portable_math.h's, on a Vectorized's lanes 16
+// bytes at a time (at::vec's call libm once per lane there).
+template <typename T, typename F>
+inline at::vec::Vectorized<T> on_portable(at::vec::Vectorized<T> v, F f) {
+  using V = at::vec::Vectorized<T>;
+  using P = std::conditional_t<std::is_same_v<T, float>, portable::f4, portable::d2>;
+  constexpr int kLanes = sizeof(P) / sizeof(T);
+  static_assert(V::size() % kLanes == 0);
+  alignas(16) T lanes[V::size()];
+  v.store(lanes);
+  for (int i = 0; i < V::size(); i += kLanes) {
+    P part;
+    std::memcpy(&part, lanes + i, sizeof part);
+    part = f(part);
+    std::memcpy(lanes + i, &part, sizeof part);
+  }
+  return V::loadu(lanes);
+}
+#else
+inline constexpr bool kPortableMath = false;
+#endif
+
+// e^v, SIMD-wide. At DEFAULT portable_math.h's; at AVX2 and AVX-512, ATen's (Sleef) for double,
+// and for float a shorter sequence (Tang's table method): v = (Nk + j) ln2/N + r, so
+// e^v = 2^k · 2^(j/N) · e^r with |r| <= ln2/(2N), where e^r needs only a short polynomial. 2^(j/N) comes from a table held
 // in registers (AVX-512: N = 32 in two registers, vpermt2ps; AVX2: N = 8 in one, vpermps); its
 // float rounding is folded into r (r -= the entry's log error), so the table is effectively
 // exact. AVX-512: a cubic, vscalefps applies 2^k (inf, denormals and 0 at the ends without special
@@ -36,30 +62,12 @@ namespace fused_backprop::cpu::CPU_CAPABILITY {
 // normal float), so denormal results are rounded once and overflow gives inf.
 template <typename V>
 inline V vec_exp(V v) {
-  return v.exp();
+  if constexpr (kPortableMath) {
+    return on_portable(v, [](auto part) { return portable::exp(part); });
+  } else {
+    return v.exp();
+  }
 }
-
-#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
-// 2^(j/32) rounded to float, and ln(that float) - j ln2/32 (computed in double). Constants, not
-// computed at load time: a dynamic initializer in this file would run, compiled for this level,
-// on every CPU that loads the library.
-alignas(64) constexpr float kExpPow2[32] = {
-    0x1.0p+0f,      0x1.059b0ep+0f, 0x1.0b5586p+0f, 0x1.11301ep+0f, 0x1.172b84p+0f, 0x1.1d4874p+0f,
-    0x1.2387a6p+0f, 0x1.29e9ep+0f,  0x1.306fep+0f,  0x1.371a74p+0f, 0x1.3dea64p+0f, 0x1.44e086p+0f,
-    0x1.4bfdaep+0f, 0x1.5342b6p+0f, 0x1.5ab07ep+0f, 0x1.6247ecp+0f, 0x1.6a09e6p+0f, 0x1.71f75ep+0f,
-    0x1.7a1148p+0f, 0x1.82589ap+0f, 0x1.8ace54p+0f, 0x1.93737cp+0f, 0x1.9c4918p+0f, 0x1.a5503cp+0f,
-    0x1.ae89fap+0f, 0x1.b7f77p+0f,  0x1.c199bep+0f, 0x1.cb720ep+0f, 0x1.d5818ep+0f, 0x1.dfc974p+0f,
-    0x1.ea4afap+0f, 0x1.f50766p+0f,
-};
-alignas(64) constexpr float kExpLogErr[32] = {
-    0.0f,            0x1.947416p-25f,  -0x1.8d96d4p-25f, 0x1.dda2fep-25f,  0x1.9c0c22p-27f,  0x1.a2fbb4p-25f,
-    -0x1.964902p-25f, 0x1.2b0dbcp-25f, -0x1.125002p-25f, 0x1.cde8cep-26f,  -0x1.370be4p-25f, -0x1.336de4p-30f,
-    0x1.0a3552p-25f,  0x1.c541b6p-26f, 0x1.00d8acp-27f,  0x1.6cb284p-25f,  -0x1.26055cp-26f, -0x1.8b2bb8p-26f,
-    0x1.05cb44p-25f,  0x1.1c2142p-26f, -0x1.67a1cap-28f, 0x1.348e56p-25f,  -0x1.a3b5e4p-28f, 0x1.0b7ec8p-25f,
-    0x1.f9c306p-27f,  0x1.e4c886p-26f, 0x1.6961b4p-28f,  0x1.b5151ep-28f,  0x1.a5217cp-28f,  0x1.ab7132p-26f,
-    -0x1.61428ep-28f, 0x1.2ad5f8p-27f,
-};
-#endif
 
 #if defined(CPU_CAPABILITY_AVX512)
 inline at::vec::Vectorized<float> vec_exp(at::vec::Vectorized<float> v) {
@@ -117,7 +125,8 @@ inline at::vec::Vectorized<float> vec_exp(at::vec::Vectorized<float> v) {
 // tanh(z), SIMD-wide. float: z + z³ P(z²) for |z| < 0.625 (P a quartic fitted to tanh's relative
 // error there), else ±(1 - 2 / (e^(2|z|) + 1)) on vec_exp: 1.6 ULP against float64 (emulated; 8M
 // points), against Sleef's tanh (what torch.tanh and at::vec run, 8x the cost of sigmoid per
-// element on AMD EPYC AVX-512). ±0, ±inf and NaN come out as tanh's. double: at::vec's (Sleef).
+// element on AMD EPYC AVX-512). ±0, ±inf and NaN come out as tanh's. double: at::vec's (Sleef),
+// portable_math.h's at DEFAULT.
 template <typename V>
 inline V vec_tanh(V z) {
   if constexpr (std::is_same_v<typename V::value_type, float>) {
@@ -129,8 +138,21 @@ inline V vec_tanh(V z) {
     const V small = at::vec::fmadd(z * z2, p, z);
     const V big = (V(1) - V(2) / (vec_exp(ax + ax) + V(1))) | (z & V(-0.f));  // z's sign bit
     return V::blendv(big, small, ax < V(0.625f));
+  } else if constexpr (kPortableMath) {
+    return on_portable(z, [](auto part) { return portable::tanh(part); });
   } else {
     return z.tanh();
+  }
+}
+
+// erf(v), SIMD-wide: ATen's own at AVX2 and AVX-512 (for float its polynomial: what F.gelu runs
+// at the same level), portable_math.h's at DEFAULT.
+template <typename V>
+inline V vec_erf(V v) {
+  if constexpr (kPortableMath) {
+    return on_portable(v, [](auto part) { return portable::erf(part); });
+  } else {
+    return v.erf();
   }
 }
 
@@ -146,9 +168,8 @@ struct VecMath {
   static V exp(V v) { return vec_exp(v); }
   template <typename V>
   static V tanh(V v) { return vec_tanh(v); }
-  // ATen's own (its polynomial at AVX2/AVX-512): what F.gelu runs at the same level.
   template <typename V>
-  static V erf(V v) { return v.erf(); }
+  static V erf(V v) { return vec_erf(v); }
 };
 
 // bfloat16 and float16: stored 16-bit, computed in float.
