@@ -1,8 +1,8 @@
-// e^x and erf(x) for float and double, and tanh(x) for double, vectorised with no libm call: the
-// DEFAULT level's math (x86-64 without AVX2, and aarch64), where at::vec's Vectorized exp, erf
+// e^x, erf(x) and tanh(x) for float and double, vectorised with no libm call: the DEFAULT level's
+// math (x86-64 without AVX2, and aarch64), where at::vec's Vectorized exp, erf
 // and tanh call libm once per lane. Written on GCC/Clang vector extensions of the baseline width
 // (16 bytes: SSE2, NEON), so the compiler emits vector code without any target flag; rowwise.h
-// applies them to a Vectorized's lanes 16 bytes at a time. (float tanh is rowwise.h's, on exp.)
+// applies them to a Vectorized's lanes 16 bytes at a time.
 // Also holds the 2^(j/32) tables the AVX2 and AVX-512 exps of rowwise.h share. The polynomials'
 // coefficients come from scripts/fit_portable_math.py, which prints them with their errors.
 //
@@ -34,7 +34,15 @@ alignas(64) constexpr float kExpLogErr[32] = {
     -0x1.61428ep-28f, 0x1.2ad5f8p-27f,
 };
 
+// tanh(z) = z + z³ P(z²) for float |z| < 0.625: P's coefficients, highest first (rowwise.h's
+// vec_tanh, and tanh below).
+constexpr float kTanhSmallFloat[] = {-0.005691935773938894f, 0.02062624879181385f, -0.05373530462384224f,
+                                     0.13331380486488342f, -0.3333328068256378f};
+
 namespace portable {
+
+// Inlined into the row loops whatever their size: a call per 16 bytes would cost more than it saves.
+#define FB_PORTABLE_INLINE __attribute__((always_inline)) inline
 
 using f4 = float __attribute__((vector_size(16)));
 using i4 = int32_t __attribute__((vector_size(16)));
@@ -45,7 +53,7 @@ using f2 = float __attribute__((vector_size(8)));
 
 // m ? a : b per lane, m a comparison's mask (all ones or all zeros). NaN compares false.
 template <typename V, typename M>
-inline V select(M m, V a, V b) {
+FB_PORTABLE_INLINE V select(M m, V a, V b) {
   return (V)((m & (M)a) | (~m & (M)b));
 }
 
@@ -55,7 +63,7 @@ inline V select(M m, V a, V b) {
 // permute); 2^k is applied as two exponent-built factors, each a normal float, so a denormal
 // result is rounded once and overflow gives inf. Max error 0.534 ULP against float64 for normal
 // results (0.76 for denormal ones), against libm's 0.502; NaN, ±inf as e^v.
-inline f4 exp(f4 v) {
+FB_PORTABLE_INLINE f4 exp(f4 v) {
   f4 x = select(v < -104.f, f4{} - 104.f, v);  // e^v is 0 / inf beyond these anyway
   x = select(x > 89.f, f4{} + 89.f, x);
   // n = round(32 v / ln2): adding 1.5 * 2^23 leaves n in the low mantissa bits, j = n mod 32.
@@ -75,7 +83,7 @@ inline f4 exp(f4 v) {
 }
 
 template <typename V>
-inline bool any(V mask) {
+FB_PORTABLE_INLINE bool any(V mask) {
   for (int i = 0; i < int(sizeof(V) / sizeof(mask[0])); ++i) {
     if (mask[i]) return true;
   }
@@ -84,7 +92,7 @@ inline bool any(V mask) {
 
 // p(t) = c[0] + c[1] t + ... + c[N-1] t^(N-1), Horner.
 template <typename V, std::size_t N>
-inline V horner(V t, const double (&c)[N]) {
+FB_PORTABLE_INLINE V horner(V t, const double (&c)[N]) {
   V p = V{} + c[N - 1];
 #pragma GCC unroll 20
   for (int i = int(N) - 2; i >= 0; --i) p = p * t + c[i];
@@ -94,7 +102,7 @@ inline V horner(V t, const double (&c)[N]) {
 // e^v in double: v = n ln2 + r, |r| <= ln2/2, e^r by its Taylor polynomial to r^13 (truncation
 // 4e-18 relative), 2^n applied as two exponent-built factors (so denormal results are rounded
 // once and overflow gives inf). ln2 in two parts (Cody-Waite): n times the first is exact.
-inline d2 exp(d2 v) {
+FB_PORTABLE_INLINE d2 exp(d2 v) {
   constexpr double kInvFactorial[] = {1.0, 1.0, 0.5, 0.16666666666666666, 0.041666666666666664,
                                       0.008333333333333333, 0.001388888888888889, 0.0001984126984126984,
                                       2.48015873015873e-05, 2.7557319223985893e-06, 2.755731922398589e-07,
@@ -112,7 +120,7 @@ inline d2 exp(d2 v) {
 
 // tanh(z) in double: z + z³ P(z²) for |z| < 0.55 (P fitted to 7.7e-18), else
 // ±(1 - e^(-2|z|)) / (1 + e^(-2|z|)). ±0, ±inf and NaN come out as tanh's.
-inline d2 tanh(d2 z) {
+FB_PORTABLE_INLINE d2 tanh(d2 z) {
   constexpr double kTanhSmall[] = {-0.3333333333333333, 0.13333333333332714, -0.053968253967434016,
                                    0.021869488493666944, -0.008863234397814355, 0.003592110378689024,
                                    -0.001455661830100716, 0.0005889360520074057, -0.0002346347410887237,
@@ -136,7 +144,7 @@ inline d2 tanh(d2 z) {
 // fitted on [0.875, 2.25] and [2.25, 6] (erf rounds to 1 from 5.9 on); a² is split as hi² + δ
 // with hi² exact (Veltkamp), so e^(-a²) = e^(-hi²) (1 - δ + δ²/2) carries no rounding of a².
 // Each of the three pieces is evaluated only when a lane of the two needs it.
-inline d2 erf(d2 v) {
+FB_PORTABLE_INLINE d2 erf(d2 v) {
   constexpr double kErfNear[] = {0.1283791670955126, -0.3761263890318374, 0.11283791670954353,
                                  -0.026866170644942594, 0.005223977623059443, -0.0008548326845690305,
                                  0.00012055324561705379, -1.492538720169797e-05, 1.6456607597388118e-06,
@@ -175,9 +183,20 @@ inline d2 erf(d2 v) {
   return (d2)((l2)e | sign);
 }
 
+// tanh(z) in float: rowwise.h's vec_tanh formula (what the other levels run), on exp above.
+FB_PORTABLE_INLINE f4 tanh(f4 z) {
+  const i4 sign = (i4)z & INT32_MIN;
+  const f4 a = (f4)((i4)z & INT32_MAX), z2 = z * z;
+  f4 p = z2 * kTanhSmallFloat[0] + kTanhSmallFloat[1];
+  for (int i = 2; i < 5; ++i) p = p * z2 + kTanhSmallFloat[i];
+  const f4 small = z * z2 * p + z;
+  const f4 big = (f4)((i4)(1.f - 2.f / (exp(a + a) + 1.f)) | sign);
+  return select(a < 0.625f, small, big);
+}
+
 // erf(a) for 0 <= a <= 1, in double: a P(a²), P the degree-7 least-squares fit of erf(a)/a in
 // a² on [0, 1] (numpy.polyfit, 40001 points): 9.5e-11 relative.
-inline d2 erf_near(d2 a) {
+FB_PORTABLE_INLINE d2 erf_near(d2 a) {
   constexpr double kP[] = {1.128379167011065,     -0.3761263829081746,     0.11283780860278782,
                            -0.026865368610914576, 0.005220920702213344,    -0.0008483169167447034,
                            0.00011263511552477389, -9.670126183656445e-06};
@@ -190,7 +209,7 @@ inline d2 erf_near(d2 a) {
 // erf(a) for 1 <= a <= 4, in double: 1 - Q(t), t = (a - 2.5) / 1.5, Q the degree-18 Chebyshev
 // least-squares fit of erfc on [1, 4] (numpy chebfit, then cheb2poly): 4.2e-11 absolute, a
 // thousandth of float's ULP of erf there. erf(a) rounds to 1 in float from a = 3.92 on.
-inline d2 erf_far(d2 a) {
+FB_PORTABLE_INLINE d2 erf_far(d2 a) {
   constexpr double kQ[] = {
       0.000406952022300372,   -0.003267426320083998,   0.012252847772402157,   -0.02818155357823991,
       0.04365080929252633,    -0.046453594223966665,   0.03187607669662843,    -0.009267674006760502,
@@ -205,29 +224,23 @@ inline d2 erf_far(d2 a) {
 }
 
 // erf(v), computed in double and rounded once: max error 0.5012 ULP against float64 (libm's erff:
-// 0.92). Each of the two ranges is evaluated only when a lane of the four needs it. NaN, ±inf,
+// 0.92). Each of the two ranges is evaluated only when a lane of the pair needs it. NaN, ±inf,
 // ±0 as erf.
-inline f4 erf(f4 v) {
-  const f4 av = (f4)((i4)v & INT32_MAX);
-  const f4 a = select(av > 4.f, f4{} + 4.f, av);
-  const i4 far = (i4)(a > 1.f);
-  const bool any_far = (far[0] | far[1] | far[2] | far[3]) != 0;
-  const bool all_far = (far[0] & far[1] & far[2] & far[3]) != 0;
-  auto on_halves = [&](auto f) {
-    const d2 lo = __builtin_convertvector(__builtin_shufflevector(a, a, 0, 1), d2);
-    const d2 hi = __builtin_convertvector(__builtin_shufflevector(a, a, 2, 3), d2);
-    return __builtin_shufflevector(__builtin_convertvector(f(lo), f2), __builtin_convertvector(f(hi), f2), 0, 1, 2, 3);
+FB_PORTABLE_INLINE f4 erf(f4 v) {
+  const f4 a = select((f4)((i4)v & INT32_MAX) > 4.f, f4{} + 4.f, (f4)((i4)v & INT32_MAX));
+  auto pair = [](d2 h) {
+    const l2 far = (l2)(h > 1.0);
+    if (!any(far)) return erf_near(h);
+    if (!any(~far)) return erf_far(h);
+    return select(far, erf_far(h), erf_near(h));
   };
-  f4 e;
-  if (!any_far) {
-    e = on_halves(erf_near);
-  } else if (all_far) {
-    e = on_halves(erf_far);
-  } else {
-    e = on_halves([](d2 h) { return select(h > 1.0, erf_far(h), erf_near(h)); });
-  }
-  return (f4)((i4)e | ((i4)v & (i4{} + INT32_MIN)));  // v's sign (e >= 0); NaN stays NaN
+  const d2 lo = __builtin_convertvector(__builtin_shufflevector(a, a, 0, 1), d2);
+  const d2 hi = __builtin_convertvector(__builtin_shufflevector(a, a, 2, 3), d2);
+  const f4 e = __builtin_shufflevector(__builtin_convertvector(pair(lo), f2), __builtin_convertvector(pair(hi), f2),
+                                       0, 1, 2, 3);
+  return (f4)((i4)e | ((i4)v & INT32_MIN));  // v's sign (e >= 0); NaN stays NaN
 }
 
+#undef FB_PORTABLE_INLINE
 }  // namespace portable
 }  // namespace fused_backprop::cpu::CPU_CAPABILITY

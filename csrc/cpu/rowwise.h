@@ -125,21 +125,19 @@ inline at::vec::Vectorized<float> vec_exp(at::vec::Vectorized<float> v) {
 // tanh(z), SIMD-wide. float: z + z³ P(z²) for |z| < 0.625 (P a quartic fitted to tanh's relative
 // error there), else ±(1 - 2 / (e^(2|z|) + 1)) on vec_exp: 1.6 ULP against float64 (emulated; 8M
 // points), against Sleef's tanh (what torch.tanh and at::vec run, 8x the cost of sigmoid per
-// element on AMD EPYC AVX-512). ±0, ±inf and NaN come out as tanh's. double: at::vec's (Sleef),
-// portable_math.h's at DEFAULT.
+// element on AMD EPYC AVX-512). ±0, ±inf and NaN come out as tanh's. double: at::vec's (Sleef).
+// At DEFAULT portable_math.h's (for float the same formula).
 template <typename V>
 inline V vec_tanh(V z) {
-  if constexpr (std::is_same_v<typename V::value_type, float>) {
+  if constexpr (kPortableMath) {
+    return on_portable(z, [](auto part) { return portable::tanh(part); });
+  } else if constexpr (std::is_same_v<typename V::value_type, float>) {
     const V ax = z.abs(), z2 = z * z;
-    V p = at::vec::fmadd(V(-0.005691935773938894f), z2, V(0.02062624879181385f));
-    p = at::vec::fmadd(p, z2, V(-0.05373530462384224f));
-    p = at::vec::fmadd(p, z2, V(0.13331380486488342f));
-    p = at::vec::fmadd(p, z2, V(-0.3333328068256378f));
+    V p = at::vec::fmadd(V(kTanhSmallFloat[0]), z2, V(kTanhSmallFloat[1]));
+    for (int i = 2; i < 5; ++i) p = at::vec::fmadd(p, z2, V(kTanhSmallFloat[i]));
     const V small = at::vec::fmadd(z * z2, p, z);
     const V big = (V(1) - V(2) / (vec_exp(ax + ax) + V(1))) | (z & V(-0.f));  // z's sign bit
     return V::blendv(big, small, ax < V(0.625f));
-  } else if constexpr (kPortableMath) {
-    return on_portable(z, [](auto part) { return portable::tanh(part); });
   } else {
     return z.tanh();
   }
