@@ -141,36 +141,58 @@ def predict(d, m, k, n, occ):
                 sx=sx, sw=sw, flops=2.0 * m * n * k)
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", type=Path, default=None)
-    a = ap.parse_args()
-    rep = resource_report()
-    lines = []
-    occ = {}
-    lines.append("| dtype | GEMM kernel | tile BMxBNxBK, threads | regs (max, sm_90) | smem B | blocks/SM | warps/SM |")
-    lines.append("|---|---|---|---|---|---|---|")
+TORCH_DTYPE = {"f32": "float32", "f16": "float16", "bf16": "bfloat16", "f64": "float64"}
+
+
+def auto_times(d, k, n, p):
+    """Predicted (forward, backward) time of backend="auto" (fused_backprop/backends/auto_rule.py):
+    the CUDA kernels' where the rule picks them, eager's (the torch backend) elsewhere."""
+    import torch
+
+    from fused_backprop.backends import auto_rule
+
+    dtype = getattr(torch, TORCH_DTYPE[d])
+    fwd = p["fwd"] if auto_rule.choose("forward", dtype, k, n) == "cuda" else p["e_fwd"]
+    bwd = p["bwd"] if auto_rule.choose("backward", dtype, k, n) == "cuda" else p["e_bwd"]
+    return fwd, bwd
+
+
+def gemm_resources(rep=None):
+    """{design: (kernel family, registers, shared memory, blocks per SM)} from the resource report
+    (None: the last recorded one)."""
+    res = {}
     for d in ("f32", "f32n", "f64", "f16", "bf16"):
         fam = "gemm_wmma_kernel" if d in ("f16", "bf16") else "gemm_fma_kernel"
         regs, smem = rep[(d, fam)] if rep else ({"f32": 167, "f32n": 107, "f64": 122}.get(d, 118),
                                                  {"f32": 8448, "f32n": 8704, "f64": 8448}.get(d, 17408))
+        bps = blocks_per_sm(regs, smem, TILE[d][3])
+        res[d] = (fam, regs, smem, max(bps, 2) if d in ("f64", "f32n") else bps)  # __launch_bounds__(256, 2)
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, default=None)
+    a = ap.parse_args()
+    res = gemm_resources(resource_report())
+    occ = {d: r[3] for d, r in res.items()}
+    lines = ["| dtype | GEMM kernel | tile BMxBNxBK, threads | regs (max, sm_90) | smem B | blocks/SM | warps/SM |",
+             "|---|---|---|---|---|---|---|"]
+    for d, (fam, regs, smem, bps) in res.items():
         bm, bn, bk, nt = TILE[d]
-        bps = blocks_per_sm(regs, smem, nt)
-        if d in ("f64", "f32n"):
-            bps = max(bps, 2)  # __launch_bounds__(256, 2)
-        occ[d] = bps
         lines.append(f"| {'f32 (<= 64 wide)' if d == 'f32n' else d} | {fam} | {bm}x{bn}x{bk}, {nt} | {regs} | {smem} | {bps} | {bps * nt // 32} |")
     lines.append("")
-    lines.append("| dtype | M x K x N | GFLOP/GEMM | fwd us (cuBLAS eager) | bwd us: dX + dW + db (split-K dX/dW) | bwd total (eager) | bwd recompute | fwd TFLOP/s |")
-    lines.append("|---|---|---|---|---|---|---|---|")
+    lines.append("| dtype | M x K x N | GFLOP/GEMM | fwd us (cuBLAS eager) | bwd us: dX + dW + db (split-K dX/dW) | bwd total (eager) | bwd recompute | fwd TFLOP/s | auto fwd / bwd us |")
+    lines.append("|---|---|---|---|---|---|---|---|---|")
     for d in ("f32", "f16", "bf16", "f64"):
         for m, k, n in SHAPES:
             p = predict(d, m, k, n, occ)
+            fwd, bwd = auto_times(d, k, n, p)
             us = lambda t: f"{t * 1e6:.1f}"  # noqa: E731
             lines.append(
                 f"| {d} | {m}x{k}x{n} | {p['flops'] / 1e9:.2f} | {us(p['fwd'])} ({us(p['e_fwd'])}) | "
                 f"{us(p['dx'])} + {us(p['dw'])} + {us(p['db'])} ({p['sx']}/{p['sw']}) | {us(p['bwd'])} ({us(p['e_bwd'])}) | "
-                f"{us(p['bwd_rc'])} | {p['flops'] / p['fwd'] / 1e12:.1f} |")
+                f"{us(p['bwd_rc'])} | {p['flops'] / p['fwd'] / 1e12:.1f} | {us(fwd)} / {us(bwd)} |")
     text = "\n".join(lines) + "\n"
     if a.out:
         a.out.write_text(text)

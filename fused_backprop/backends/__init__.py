@@ -127,15 +127,24 @@ def available_backends(device=None) -> list[str]:
 _AUTO: dict[str, Backend] = {}  # "auto"'s choice per device type, found once
 
 
+def _find_auto(device: torch.device) -> Backend:
+    cuda = get("cuda")
+    if device.type == "cuda" and cuda is not None and cuda.supports(device):
+        from .auto_rule import cuda_auto  # per pass, dtype and size, between "cuda" and "torch"
+
+        return cuda_auto(get)
+    found = [b for b in map(get, available_backends(device)) if b.auto_priority is not None
+             and (b.auto_devices is None or device.type in b.auto_devices)]
+    if not found:
+        raise RuntimeError(f"fused_backprop: no backend supports device {device}")
+    return found[0]
+
+
 def resolve(name: str, device: torch.device) -> Backend:
     """The backend to run for ``name`` (a backend name or "auto") on ``device``."""
     if name == "auto":
         if device.type not in _AUTO:
-            found = [b for b in map(get, available_backends(device)) if b.auto_priority is not None
-                     and (b.auto_devices is None or device.type in b.auto_devices)]
-            if not found:
-                raise RuntimeError(f"fused_backprop: no backend supports device {device}")
-            _AUTO[device.type] = found[0]
+            _AUTO[device.type] = _find_auto(device)
         return _AUTO[device.type]
     if not isinstance(name, str) or name not in _MODULES:
         raise ValueError(f"fused_backprop: backend must be 'auto' or one of {names()}, got {name!r}")

@@ -205,7 +205,7 @@ def plan_backends(requested, device: str):
 def device_name(device: str) -> str:
     dev = torch.device(device)
     if dev.type == "cuda":
-        return torch.cuda.get_device_name(dev)
+        return torch.cuda.get_device_name(dev) if torch.cuda.is_available() else "no CUDA device visible"
     model = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -424,6 +424,10 @@ def print_backends(devices, file=None) -> None:
                   file=file)
         for n, why in skipped.items():
             print(f"  {n:<8} {why}", file=file)
+    from ..backends import auto_rule
+    print("backend='auto' on CUDA (fused_backprop/backends/auto_rule.py, from the predicted H100 times):", file=file)
+    for line in auto_rule.describe():
+        print(f"  {line}", file=file)
 
 
 def _header(args, meta) -> str:

@@ -4,9 +4,10 @@
 
 Runs on CUDA tensors, and on CPU tensors only under the Triton interpreter (``TRITON_INTERPRET=1``
 set before triton is imported). Importing this module raises ImportError when triton is missing,
-which the backend registry reads as "not available". With ``backend="auto"`` it is preferred on
-CUDA (auto_priority=1, ahead of the handwritten CUDA kernels' 2), never ahead of the compiled CPU
-kernels on the CPU (0).
+which the backend registry reads as "not available". ``backend="auto"`` runs it on CUDA only where
+the CUDA kernels are not built (auto_priority=1, ahead of the torch backend's 10; with the CUDA
+kernels, ``backends/auto_rule.py`` picks between them and torch per pass, as predicted), never on
+the CPU.
 """
 
 from __future__ import annotations
