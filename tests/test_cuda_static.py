@@ -11,6 +11,7 @@ cubins and reports are cached under build/cuda_static/<hash of sources and flags
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import glob
 import hashlib
@@ -178,28 +179,66 @@ def test_every_activation_instantiated(reports):
                     f"{dtype} {arch}: no {part} kernel for activation {act!r}"
 
 
-def test_tensor_core_kernels_use_hmma(reports):
+@pytest.fixture(scope="session")
+def sass(reports):
+    """{(dtype, arch): {short kernel name: Counter of SASS opcodes (with modifiers: STS.128, HMMA.16816.F32)}}"""
     cuobjdump, nvdisasm = _tool("cuobjdump"), _tool("nvdisasm")
     if cuobjdump is None or nvdisasm is None:
         pytest.skip("cuobjdump/nvdisasm not found: pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm")
     env = {**os.environ, "PATH": os.path.dirname(nvdisasm) + os.pathsep + os.environ.get("PATH", "")}
+    out = {}
     for (dtype, arch), (cubin, _) in sorted(reports.items()):
         r = subprocess.run([cuobjdump, "-sass", str(cubin)], capture_output=True, text=True, env=env)
         assert r.returncode == 0, r.stderr
-        counts: dict[str, int] = {}
+        counts: dict[str, collections.Counter] = {}
         fn = None
         for line in r.stdout.splitlines():
             m = re.search(r"Function : (\S+)", line)
             if m:
                 fn = m.group(1)
-                counts[fn] = 0
-            elif fn is not None and re.search(r"\bHMMA\b", line):
-                counts[fn] += 1
-        gemms = {k: v for k, v in counts.items() if "gemm_" in k}
-        assert gemms, f"no GEMM kernels in {cubin.name}"
+                counts[fn] = collections.Counter()
+                continue
+            m = re.search(r"/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", line)
+            if fn is not None and m:
+                counts[fn][m.group(1)] += 1
+        names = _demangle(list(counts))
+        out[dtype, arch] = {_short(names[k]): v for k, v in counts.items()}
+    return out
+
+
+def _count(ops, prefix: str) -> int:
+    return sum(n for op, n in ops.items() if op == prefix or op.startswith(prefix + "."))
+
+
+def test_tensor_core_kernels_use_hmma(sass):
+    for (dtype, arch), kernels in sass.items():
+        gemms = {k: _count(ops, "HMMA") for k, ops in kernels.items() if "gemm_" in k}
+        assert gemms, f"no GEMM kernels in the {dtype} {arch} build"
         for name, n in gemms.items():
             if dtype in ("f16", "bf16"):
                 assert n > 0, f"{arch} {dtype}: {name} has no HMMA instruction"
             else:
                 assert n == 0, f"{arch} {dtype}: FMA-path kernel {name} contains HMMA"
         print(f"{arch} {dtype}: HMMA per GEMM kernel: {sorted(set(gemms.values()))}")
+
+
+def test_wmma_tiles_stored_as_vectors(sass):
+    # Every fp16/bf16 operand tile lies in shared memory as it was loaded, so the k loop stores
+    # only 16-byte vectors (STS.128), on every path (the unaligned fallback stages the same
+    # vectors). A transposed scalar store (STS.U16 at S[(r + j) * LDS + k]) puts a warp's lanes on
+    # one bank: ~128 store wavefronts per k step instead of 8-16. Besides them the kernel has only
+    # the accumulator staging (STS.64) and no local memory (LDL/STL).
+    rows = []
+    for (dtype, arch), kernels in sorted(sass.items()):
+        if dtype not in ("f16", "bf16"):
+            continue
+        for name, ops in kernels.items():
+            if "gemm_wmma_kernel" not in name:
+                continue
+            sts = {op: n for op, n in ops.items() if op.startswith("STS")}
+            other = {op: n for op, n in sts.items() if op not in ("STS.128", "STS.64")}
+            assert not other and sts.get("STS.128", 0) > 0, f"{arch} {dtype} {name}: shared stores {sts}"
+            assert not (_count(ops, "LDL") or _count(ops, "STL")), f"{arch} {dtype} {name}: local memory"
+            rows.append(f"{arch} {dtype} STS.128 {sts['STS.128']:2d} / HMMA {_count(ops, 'HMMA'):2d}  {name}")
+    assert rows, "no WMMA kernels"
+    print("\nWMMA k-loop tile stores per HMMA:\n" + "\n".join(rows))

@@ -182,33 +182,57 @@ struct DzFromSavedOperand {
 // GEMM main loops fetch the next tile from global memory into these registers while computing
 // on the current one in shared memory (register-staged software pipelining), then store them to
 // shared memory after the barrier.
+// The elements are kept as 16-byte vectors: the unaligned fallback packs its element loads into
+// them as it goes (two 16-bit elements per register, as the vector path holds them).
 template <int BR, int BK, int NT, typename T>
 struct TileRegs {
-  static constexpr int E = BR * BK / NT;
+  static constexpr int E = BR * BK / NT, NV = E / kVec<T>;
   static_assert(BR * BK % NT == 0 && E % kVec<T> == 0, "a tile must split into whole vectors per thread");
-  T v[E];
+  Vec16<T, kVec<T>> v[NV];
 };
 
-// Fetches the tile of `op` at (r0, k0) into registers: consecutive threads take consecutive
-// 16-byte vectors along the operand's contiguous dimension (coalesced). Without `vec` (unaligned
-// or odd-sized operands) nothing is staged: store_tile loads the elements itself (staging E
-// scalar loads with their 64-bit addresses costs more registers than the pipelining gains).
+// Where thread tid's it-th vector of a tile starts: V = kVec<T> consecutive elements along the
+// operand's contiguous dimension, consecutive threads on consecutive vectors (coalesced).
+template <int BR, int BK, int NT, bool KC, typename T>
+struct TileVec {
+  int r, k;
+  __device__ __forceinline__ TileVec(int tid, int it) {
+    constexpr int V = kVec<T>;
+    static_assert(BK % V == 0 && BR % V == 0, "tile edges must hold whole vectors");
+    constexpr int CV = KC ? BK / V : BR / V;  // vectors along the contiguous dimension
+    const int i = tid + it * NT;
+    const int outer = i / CV, inner = (i % CV) * V;
+    r = KC ? outer : inner;
+    k = KC ? inner : outer;
+  }
+};
+
+// Fetches the tile of `op` at (r0, k0) into registers, one vector per TileVec: a 16-byte load
+// where `vec` allows, else (unaligned or odd-sized operands) V element loads, each masked on its
+// own. Both paths stage the same elements, so the fallback is pipelined like the vector path and
+// store_tile writes both with the same (vector) shared stores.
 template <int BR, int BK, int NT, class Op, typename T>
 __device__ __forceinline__ void fetch_tile(const Op& op, TileRegs<BR, BK, NT, T>& t, int64_t r0, int64_t k0,
                                            int tid) {
   constexpr bool KC = Op::kKContig;
-  constexpr int V = kVec<T>, E = TileRegs<BR, BK, NT, T>::E;
-  static_assert(BK % V == 0 && BR % V == 0, "tile edges must hold whole vectors");
+  constexpr int V = kVec<T>;
+  constexpr int NV = TileRegs<BR, BK, NT, T>::NV;
   if (op.vec) {
-    constexpr int CV = KC ? BK / V : BR / V;  // vectors along the contiguous dimension
 #pragma unroll
-    for (int it = 0; it < E / V; ++it) {
-      const int i = tid + it * NT;
-      const int outer = i / CV, inner = (i % CV) * V;
-      T v[V];
-      op.template load<V>(r0 + (KC ? outer : inner), k0 + (KC ? inner : outer), v);
+    for (int it = 0; it < NV; ++it) {
+      const TileVec<BR, BK, NT, KC, T> at(tid, it);
+      op.template load<V>(r0 + at.r, k0 + at.k, t.v[it].v);
+    }
+  } else {
 #pragma unroll
-      for (int j = 0; j < V; ++j) t.v[it * V + j] = v[j];
+    for (int it = 0; it < NV; ++it) {
+      const TileVec<BR, BK, NT, KC, T> at(tid, it);
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        T s[1];
+        op.template load<1>(r0 + at.r + (KC ? 0 : j), k0 + at.k + (KC ? j : 0), s);
+        t.v[it].v[j] = s[0];
+      }
     }
   }
 }
@@ -234,52 +258,23 @@ __device__ __forceinline__ SplitKSlice<AOp, BOp> split_k_slice(const AOp& a, con
   return s;
 }
 
-// Stores the tile of `op` at (r0, k0) to shared memory S, laid out k-major (S[k*LDS + r], the
-// FMA kernel) or r-major (S[r*LDS + k], the WMMA kernel): from the registers fetch_tile filled
-// (a vector that runs along the smem row is one 16-byte shared store), or, without `vec`,
-// straight from global memory element by element.
-template <int BR, int BK, int NT, bool SMEM_KMAJOR, int LDS, class Op, typename T>
-__device__ __forceinline__ void store_tile(const Op& op, const TileRegs<BR, BK, NT, T>& t, T* __restrict__ S,
-                                           int64_t r0, int64_t k0, int tid) {
-  constexpr bool KC = Op::kKContig;
-  constexpr int V = kVec<T>, E = TileRegs<BR, BK, NT, T>::E;
-  if (op.vec) {
-    constexpr int CV = KC ? BK / V : BR / V;
+// Stores the tile fetch_tile staged to shared memory S, laid out k-major (S[k*LDS + r]) or
+// r-major (S[r*LDS + k]). A vector that runs along the smem row is one 16-byte shared store; the
+// WMMA kernel lays every tile out along its operand's contiguous dimension, so it has only those.
+// The FMA kernel's k-major tiles of k-contiguous operands take V scalar stores per vector (its
+// padding keeps them free of bank conflicts).
+template <int BR, int BK, int NT, bool SMEM_KMAJOR, int LDS, bool KC, typename T>
+__device__ __forceinline__ void store_tile(const TileRegs<BR, BK, NT, T>& t, T* __restrict__ S, int tid) {
+  constexpr int V = kVec<T>;
 #pragma unroll
-    for (int it = 0; it < E / V; ++it) {
-      const int i = tid + it * NT;
-      const int outer = i / CV, inner = (i % CV) * V;
-      const int r = KC ? outer : inner;
-      const int k = KC ? inner : outer;
-      T v[V];
+  for (int it = 0; it < TileRegs<BR, BK, NT, T>::NV; ++it) {
+    const TileVec<BR, BK, NT, KC, T> at(tid, it);
+    if constexpr (KC != SMEM_KMAJOR) {
+      *reinterpret_cast<uint4*>(SMEM_KMAJOR ? &S[at.k * LDS + at.r] : &S[at.r * LDS + at.k]) = t.v[it].u;
+    } else {
+      static_assert(SMEM_KMAJOR, "no r-major tile of a row-contiguous operand: it would take transposed stores");
 #pragma unroll
-      for (int j = 0; j < V; ++j) v[j] = t.v[it * V + j];
-      if constexpr (KC != SMEM_KMAJOR) {
-        store_vec<T, V>(SMEM_KMAJOR ? &S[k * LDS + r] : &S[r * LDS + k], v);
-      } else {
-#pragma unroll
-        for (int j = 0; j < V; ++j) {
-          if constexpr (SMEM_KMAJOR) {
-            S[(k + j) * LDS + r] = v[j];
-          } else {
-            S[(r + j) * LDS + k] = v[j];
-          }
-        }
-      }
-    }
-  } else {
-#pragma unroll 4
-    for (int it = 0; it < E; ++it) {
-      const int i = tid + it * NT;
-      const int r = KC ? i / BK : i % BR;
-      const int k = KC ? i % BK : i / BR;
-      T v[1];
-      op.template load<1>(r0 + r, k0 + k, v);
-      if constexpr (SMEM_KMAJOR) {
-        S[k * LDS + r] = v[0];
-      } else {
-        S[r * LDS + k] = v[0];
-      }
+      for (int j = 0; j < V; ++j) S[(at.k + j) * LDS + at.r] = t.v[it].v[j];
     }
   }
 }
@@ -410,8 +405,8 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MIN_BLOCKS)
     fetch_tile(bl, tb, n0, k_begin, tid);
   }
   for (int64_t k0 = k_begin; k0 < k_end; k0 += C::BK) {
-    store_tile<C::BM, C::BK, C::NT, true, LDA>(al, ta, As, m0, k0, tid);
-    store_tile<C::BN, C::BK, C::NT, true, LDB>(bl, tb, Bs, n0, k0, tid);
+    store_tile<C::BM, C::BK, C::NT, true, LDA, AOp::kKContig>(ta, As, tid);
+    store_tile<C::BN, C::BK, C::NT, true, LDB, BOp::kKContig>(tb, Bs, tid);
     __syncthreads();
     if (k0 + C::BK < k_end) {  // next tile's global loads overlap this tile's FMAs
       fetch_tile(al, ta, m0, k0 + C::BK, tid);
@@ -446,34 +441,54 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MIN_BLOCKS)
 // ------------------------------------------------------------------------------------------
 // Tensor-core tiled GEMM (float16, bfloat16) through nvcuda::wmma, fp32 accumulation.
 // Block tile 64 x 64 x 32, four warps in 2 x 2, each warp 32 x 32 = 2 x 2 fragments of 16x16.
+// Each operand tile sits in shared memory as it lies in global memory (WmmaTile), so the tile
+// stores are 16-byte vectors and the fragments' layout absorbs the transpose (ldmatrix.trans).
 // The accumulators go through shared memory (aliasing the operand tiles) to the epilogue.
 // ------------------------------------------------------------------------------------------
 struct WmmaConfig {
   static constexpr int BM = 64, BN = 64, BK = 32, WM = 32, WN = 32, PAD = 8, CPAD = 4;
   static constexpr int WARPS_M = BM / WM, WARPS_N = BN / WN;
   static constexpr int NT = WARPS_M * WARPS_N * 32;  // 128
-  static constexpr int LDS = BK + PAD;               // halves; rows stay 16-byte aligned
   static constexpr int LDC = BN + CPAD;              // floats
 };
 
-template <typename T>
+// The shared tile of a BR x BK operand: r-major [BR][BK + PAD] when the operand is contiguous
+// along k, k-major [BK][BR + PAD] when along r. PAD keeps rows 16-byte aligned and puts the 8
+// rows of an ldmatrix phase on distinct banks. A (m, k) and B (k, n) fragments read it as
+// row_major / col_major (r-major) or col_major / row_major (k-major).
+template <int BR, bool KC>
+struct WmmaTile {
+  static constexpr int BK = WmmaConfig::BK, PAD = WmmaConfig::PAD;
+  static constexpr int ld = KC ? BK + PAD : BR + PAD;
+  static constexpr int size = KC ? BR * ld : BK * ld;
+  using a_layout = std::conditional_t<KC, nvcuda::wmma::row_major, nvcuda::wmma::col_major>;
+  using b_layout = std::conditional_t<KC, nvcuda::wmma::col_major, nvcuda::wmma::row_major>;
+  static __device__ __forceinline__ int at(int r, int k) { return KC ? r * ld + k : k * ld + r; }
+};
+
+template <typename T, class TA, class TB>
 struct __align__(32) WmmaSmem {
   union {
     struct {
-      T a[WmmaConfig::BM * WmmaConfig::LDS];
-      T b[WmmaConfig::BN * WmmaConfig::LDS];
+      T a[TA::size];
+      T b[TB::size];
     } ab;
     float c[WmmaConfig::BM * WmmaConfig::LDC];
   };
 };
 
+// At least 4 blocks (16 warps) per SM, so at most 128 registers: without the bound ptxas aims at
+// 96 and spills the fallback path's staged element loads under gelu's act'.
 template <typename T, class AOp, class BOp, class Epi>
-__global__ void __launch_bounds__(WmmaConfig::NT)
+__global__ void __launch_bounds__(WmmaConfig::NT, 4)
     gemm_wmma_kernel(AOp a, BOp b, Epi epi, int64_t M, int64_t N, int64_t red, int64_t n_base, int64_t split_len) {
   using namespace nvcuda;
   using C = WmmaConfig;
+  using TA = WmmaTile<C::BM, AOp::kKContig>;
+  using TB = WmmaTile<C::BN, BOp::kKContig>;
+  using Smem = WmmaSmem<T, TA, TB>;
   constexpr int FM = C::WM / 16, FN = C::WN / 16;
-  FB_SHARED_OBJECT(WmmaSmem<T>, sm);
+  FB_SHARED_OBJECT(Smem, sm);
 
   const int tid = static_cast<int>(threadIdx.x);
   const int warp = tid / 32;
@@ -498,8 +513,8 @@ __global__ void __launch_bounds__(WmmaConfig::NT)
     fetch_tile(bl, tb, n0, k_begin, tid);
   }
   for (int64_t k0 = k_begin; k0 < k_end; k0 += C::BK) {
-    store_tile<C::BM, C::BK, C::NT, false, C::LDS>(al, ta, sm.ab.a, m0, k0, tid);
-    store_tile<C::BN, C::BK, C::NT, false, C::LDS>(bl, tb, sm.ab.b, n0, k0, tid);
+    store_tile<C::BM, C::BK, C::NT, !AOp::kKContig, TA::ld, AOp::kKContig>(ta, sm.ab.a, tid);
+    store_tile<C::BN, C::BK, C::NT, !BOp::kKContig, TB::ld, BOp::kKContig>(tb, sm.ab.b, tid);
     __syncthreads();
     if (k0 + C::BK < k_end) {  // next tile's global loads overlap this tile's MMAs
       fetch_tile(al, ta, m0, k0 + C::BK, tid);
@@ -507,14 +522,12 @@ __global__ void __launch_bounds__(WmmaConfig::NT)
     }
 #pragma unroll
     for (int kk = 0; kk < C::BK; kk += 16) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa[FM];
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb[FN];
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, typename TA::a_layout> fa[FM];
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, typename TB::b_layout> fb[FN];
 #pragma unroll
-      for (int i = 0; i < FM; ++i)
-        wmma::load_matrix_sync(fa[i], &sm.ab.a[(wm * C::WM + i * 16) * C::LDS + kk], C::LDS);
+      for (int i = 0; i < FM; ++i) wmma::load_matrix_sync(fa[i], &sm.ab.a[TA::at(wm * C::WM + i * 16, kk)], TA::ld);
 #pragma unroll
-      for (int j = 0; j < FN; ++j)
-        wmma::load_matrix_sync(fb[j], &sm.ab.b[(wn * C::WN + j * 16) * C::LDS + kk], C::LDS);
+      for (int j = 0; j < FN; ++j) wmma::load_matrix_sync(fb[j], &sm.ab.b[TB::at(wn * C::WN + j * 16, kk)], TB::ld);
 #pragma unroll
       for (int i = 0; i < FM; ++i)
 #pragma unroll
