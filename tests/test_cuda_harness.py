@@ -210,7 +210,7 @@ def test_wide_problem(harness, act, mode):
     _check(harness, "--dtype", "f32", "--act", act, "--mode", mode, *_shape_args([(300, 70, 260)]))
 
 
-@pytest.mark.parametrize("name", ["schedule", "votes", "missing-sync"])
+@pytest.mark.parametrize("name", ["schedule", "votes", "missing-sync", "epilogue-lanes"])
 def test_harness_selftest(harness, name):
     r = run(harness, "--selftest", name)
     assert r.returncode == 0, _report(r)
@@ -238,7 +238,7 @@ MUTATIONS = {
         "        for (int j = 0; j < C::TN; ++j) acc[i][j] = ra[i] * rb[j] + acc[i][j];\n    }\n",
         ["--mode", "fwd"], "MISMATCH"),
     "fma-off-by-one-row-bound": (
-        "if (r < M && c < N) e(r, c, acc[i][j]);", "if (r <= M && c < N) e(r, c, acc[i][j]);",
+        "if (r < M && c < N) e(r, c, at(rr, cc));", "if (r <= M && c < N) e(r, c, at(rr, cc));",
         ["--mode", "fwd"], "AddressSanitizer"),
     "tile-loader-off-by-one-k": (
         "if (r < rows && k < red) {\n      const T* q = KC", "if (r < rows && k <= red) {\n      const T* q = KC",

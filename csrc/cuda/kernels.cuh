@@ -353,6 +353,20 @@ __global__ void __launch_bounds__(kReduceThreads)
   }
 }
 
+// Calls the epilogue on a ROWS x COLS slab of accumulators staged in shared memory (`at(rr, cc)`
+// reads slab element (rr, cc), the output element (row0 + rr * row_step, n0 + cc)), the lanes of
+// a warp on consecutive columns: coalesced stores (and bias / dY reads).
+template <int ROWS, int COLS, int NT, class At, class Epi>
+__device__ __forceinline__ void epilogue_slab(const At& at, const Epi& e, int64_t row0, int row_step, int64_t n0,
+                                              int64_t M, int64_t N, int tid) {
+#pragma unroll 4
+  for (int idx = tid; idx < ROWS * COLS; idx += NT) {
+    const int rr = idx / COLS, cc = idx % COLS;
+    const int64_t r = row0 + static_cast<int64_t>(rr) * row_step, c = n0 + cc;
+    if (r < M && c < N) e(r, c, at(rr, cc));
+  }
+}
+
 // ------------------------------------------------------------------------------------------
 // FMA-path tiled GEMM (float32, float64): C[M,N] = A[M,red] . B[N,red]^T, epilogue fused.
 // Block tile BM x BN, k-step BK, each thread a TM x TN register block, 256 threads.
@@ -373,6 +387,61 @@ using FmaF32Wide = FmaTile<float, 128, 128, 8, 8, 8, 4, 1>;
 using FmaF32Narrow = FmaTile<float, 64, 64, 16, 4, 4, 4, 2>;
 using FmaF64 = FmaTile<double, 64, 64, 8, 4, 4, 2, 2>;
 
+// The FMA kernel's shared memory: the k-major operand tiles, or (after the k loop) one slab of
+// the epilogue: row i of every thread's TM x TN block, (BM/TM) x BN accumulators. A thread's TN
+// accumulators are CH 16-byte chunks, each one 16-byte store (uint4: STS.128); slab_chunk swaps
+// the chunks of every other group of 4 threads (chunk q goes to q ^ ((q / 8) & (CH - 1))), so
+// the 8 lanes of a store phase hit 8 distinct bank quads instead of two lanes per quad, and a
+// warp's 32 consecutive columns (the read-back) still lie in one aligned group of chunks: both
+// sides free of bank conflicts.
+template <class Cfg>
+struct __align__(16) FmaSmem {
+  using T = typename Cfg::T;
+  using Acc = acc_t<T>;
+  static constexpr int EPC = 16 / static_cast<int>(sizeof(Acc));  // accumulators per chunk
+  static constexpr int CH = Cfg::TN / EPC;
+  static_assert(Cfg::TN % EPC == 0 && (CH == 1 || CH == 2 || CH == 4 || CH == 8), "whole 16-byte chunks per thread");
+  union {
+    struct {
+      T a[Cfg::BK * (Cfg::BM + Cfg::PAD)];
+      T b[Cfg::BK * (Cfg::BN + Cfg::PAD)];
+    } ab;
+    Acc slab[(Cfg::BM / Cfg::TM) * Cfg::BN];
+  };
+  static constexpr int slab_chunk(int q) { return q ^ ((q / 8) & (CH - 1)); }
+  static constexpr int slab_col(int c) { return slab_chunk(c / EPC) * EPC + c % EPC; }
+};
+
+// Takes the banks of `n` 4-byte words from `word` for one shared-memory phase; false on a conflict.
+constexpr bool take_banks(bool (&bank)[32], int word, int n) {
+  for (int w = 0; w < n; ++w) {
+    if (bank[(word + w) % 32]) return false;
+    bank[(word + w) % 32] = true;
+  }
+  return true;
+}
+
+// The slab accesses of gemm_fma_kernel, phase by phase (128 bytes: 8 lanes of a 16-byte store,
+// 32 or 16 lanes of a 4- or 8-byte load): no bank serves two lanes of a phase.
+template <class Cfg>
+constexpr bool slab_free_of_bank_conflicts() {
+  using S = FmaSmem<Cfg>;
+  constexpr int W = static_cast<int>(sizeof(typename S::Acc)) / 4, TX = Cfg::BN / Cfg::TN;
+  for (int h = 0; h < S::CH; ++h) {
+    for (int p0 = 0; p0 < Cfg::NT; p0 += 8) {  // thread t = ty * TX + tx stores its chunk h
+      bool bank[32] = {};
+      for (int t = p0; t < p0 + 8; ++t)
+        if (!take_banks(bank, ((t / TX) * Cfg::BN + S::slab_col((t % TX) * Cfg::TN + h * S::EPC)) * W, 4)) return false;
+    }
+  }
+  for (int c0 = 0; c0 < Cfg::BN; c0 += 32 / W) {  // a warp reads 32 consecutive columns of a row
+    bool bank[32] = {};
+    for (int c = c0; c < c0 + 32 / W; ++c)
+      if (!take_banks(bank, S::slab_col(c) * W, W)) return false;
+  }
+  return true;
+}
+
 template <class Cfg, class AOp, class BOp, class Epi>
 __global__ void __launch_bounds__(Cfg::NT, Cfg::MIN_BLOCKS)
     gemm_fma_kernel(AOp a, BOp b, Epi epi, int64_t M, int64_t N, int64_t red, int64_t n_base, int64_t split_len) {
@@ -380,8 +449,11 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MIN_BLOCKS)
   using T = typename Cfg::T;
   using Acc = acc_t<T>;
   constexpr int LDA = C::BM + C::PAD, LDB = C::BN + C::PAD;
-  FB_SHARED_ARRAY(T, As, C::BK * LDA);
-  FB_SHARED_ARRAY(T, Bs, C::BK * LDB);
+  using Smem = FmaSmem<Cfg>;
+  static_assert(slab_free_of_bank_conflicts<Cfg>(), "the epilogue slab's accesses conflict on shared-memory banks");
+  FB_SHARED_OBJECT(Smem, sm);
+  T* const As = sm.ab.a;
+  T* const Bs = sm.ab.b;
 
   const int tid = static_cast<int>(threadIdx.x);
   const int tx = tid % (C::BN / C::TN);
@@ -427,14 +499,22 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MIN_BLOCKS)
     __syncthreads();
   }
 
+  // Epilogue through shared memory, one register row at a time (the operand tiles are dead: last
+  // barrier above), so a warp's lanes store consecutive columns instead of columns TN apart.
+  constexpr int EPC = Smem::EPC, SR = C::BM / C::TM;
 #pragma unroll
   for (int i = 0; i < C::TM; ++i) {
-    const int64_t r = m0 + ty * C::TM + i;
+    if (i > 0) __syncthreads();  // the previous slab has been read
 #pragma unroll
-    for (int j = 0; j < C::TN; ++j) {
-      const int64_t c = n0 + tx * C::TN + j;
-      if (r < M && c < N) e(r, c, acc[i][j]);
+    for (int h = 0; h < Smem::CH; ++h) {
+      Vec16<Acc, EPC> v;
+#pragma unroll
+      for (int j = 0; j < EPC; ++j) v.v[j] = acc[i][h * EPC + j];
+      reinterpret_cast<uint4*>(sm.slab)[(ty * C::BN) / EPC + Smem::slab_chunk(tx * Smem::CH + h)] = v.u;
     }
+    __syncthreads();
+    epilogue_slab<SR, C::BN, C::NT>([&](int rr, int cc) { return sm.slab[rr * C::BN + Smem::slab_col(cc)]; }, e,
+                                    m0 + i, C::TM, n0, M, N, tid);
   }
 }
 
@@ -446,10 +526,13 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MIN_BLOCKS)
 // The accumulators go through shared memory (aliasing the operand tiles) to the epilogue.
 // ------------------------------------------------------------------------------------------
 struct WmmaConfig {
-  static constexpr int BM = 64, BN = 64, BK = 32, WM = 32, WN = 32, PAD = 8, CPAD = 4;
+  static constexpr int BM = 64, BN = 64, BK = 32, WM = 32, WN = 32, PAD = 8, CPAD = 8;
   static constexpr int WARPS_M = BM / WM, WARPS_N = BN / WN;
   static constexpr int NT = WARPS_M * WARPS_N * 32;  // 128
-  static constexpr int LDC = BN + CPAD;              // floats
+  // floats; store_matrix_sync writes an accumulator as 64-bit stores, lane l at row l/4 and
+  // columns 2(l%4), +1: a row stride of 8 banks (mod 32) puts the 4 rows of a 16-lane phase on
+  // distinct banks (BN + 4 would overlap rows g and g+1 on 4 banks: 2-way conflicts).
+  static constexpr int LDC = BN + CPAD;
 };
 
 // The shared tile of a BR x BK operand: r-major [BR][BK + PAD] when the operand is contiguous
@@ -544,12 +627,7 @@ __global__ void __launch_bounds__(WmmaConfig::NT, 4)
       wmma::store_matrix_sync(&sm.c[(wm * C::WM + i * 16) * C::LDC + wn * C::WN + j * 16], fc[i][j], C::LDC,
                               wmma::mem_row_major);
   __syncthreads();
-#pragma unroll 4
-  for (int idx = tid; idx < C::BM * C::BN; idx += C::NT) {
-    const int rr = idx / C::BN, cc = idx % C::BN;
-    const int64_t r = m0 + rr, c = n0 + cc;
-    if (r < M && c < N) e(r, c, sm.c[rr * C::LDC + cc]);
-  }
+  epilogue_slab<C::BM, C::BN, C::NT>([&](int rr, int cc) { return sm.c[rr * C::LDC + cc]; }, e, m0, 1, n0, M, N, tid);
 }
 
 // ------------------------------------------------------------------------------------------

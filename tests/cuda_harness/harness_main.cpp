@@ -406,6 +406,44 @@ __global__ void missing_sync_kernel(float* out) {
   out[threadIdx.x] = s[(threadIdx.x + 1) % 64];
 }
 
+// Which output element each thread's epilogue calls write, in call order.
+using CallLog = std::vector<std::vector<std::pair<int64_t, int64_t>>>;
+template <typename Acc>
+struct LaneLogEpilogue {
+  CallLog* log;
+  void operator()(int64_t r, int64_t c, Acc) const { (*log)[threadIdx.x].emplace_back(r, c); }
+  const LaneLogEpilogue& for_split(unsigned) const { return *this; }
+};
+
+// One full block tile of GEMM configuration Cfg: the i-th epilogue call of the 32 lanes of every
+// warp must write 32 consecutive columns of one row (coalesced global stores).
+template <typename T, class Cfg>
+bool epilogue_lanes_consecutive(const char* what) {
+  const int64_t M = Cfg::BM, N = Cfg::BN, K = 2 * Cfg::BK;
+  std::vector<T> a(M * K, fbc::Num<T>::from_acc(0)), b(N * K, fbc::Num<T>::from_acc(0));
+  const fbc::PlainOperand<T, true> x{a.data(), K, M, K, true}, w{b.data(), K, N, K, true};
+  CallLog log(Cfg::NT);
+  fbc::detail::run_gemm<T, Cfg>(x, w, LaneLogEpilogue<fbc::acc_t<T>>{&log}, M, N, K, nullptr, no_check);
+  size_t calls = 0;
+  for (int t = 0; t < Cfg::NT; ++t) calls += log[t].size();
+  bool ok = calls == static_cast<size_t>(M * N);
+  for (int w0 = 0; ok && w0 < Cfg::NT; w0 += 32) {
+    for (size_t i = 0; ok && i < log[w0].size(); ++i) {
+      for (int l = 0; ok && l < 32; ++l) {
+        ok = log[w0 + l].size() == log[w0].size() && log[w0 + l][i].first == log[w0][i].first &&
+             log[w0 + l][i].second == log[w0][i].second + l;
+        if (!ok)
+          std::printf("%s: call %zu of warp %d: lane 0 writes (%" PRId64 ", %" PRId64 "), lane %d (%" PRId64
+                      ", %" PRId64 ")\n", what, i, w0 / 32, log[w0][i].first, log[w0][i].second, l,
+                      log[w0 + l].empty() ? -1 : log[w0 + l][i % log[w0 + l].size()].first,
+                      log[w0 + l].empty() ? -1 : log[w0 + l][i % log[w0 + l].size()].second);
+      }
+    }
+  }
+  std::printf("epilogue lanes %s: %s\n", what, ok ? "consecutive" : "NOT consecutive");
+  return ok;
+}
+
 int run_selftest(const std::string& name) {
   if (name == "schedule") {
     // deterministic for a seed, shuffled between barriers, different across seeds
@@ -444,6 +482,15 @@ int run_selftest(const std::string& name) {
       ok &= sums[t] == 496 + 5 * 1000 + (lane == 0 ? 0 : lane - 1) * 100000;
     }
     std::printf("votes/shuffles/atomics %s\n", ok ? "ok" : "WRONG");
+    return ok ? 0 : 1;
+  }
+  if (name == "epilogue-lanes") {
+    bool ok = epilogue_lanes_consecutive<float, fbc::FmaF32Wide>("f32 wide");
+    ok &= epilogue_lanes_consecutive<float, fbc::FmaF32Narrow>("f32 narrow");
+#ifndef HARNESS_ONLY_F32
+    ok &= epilogue_lanes_consecutive<double, fbc::FmaF64>("f64");
+    ok &= epilogue_lanes_consecutive<__half, fbc::WmmaConfig>("f16 wmma");
+#endif
     return ok ? 0 : 1;
   }
   if (name == "missing-sync") {
