@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import math
 import os
 import re
 import shutil
@@ -42,6 +43,8 @@ ENV = {**os.environ, "ASAN_OPTIONS": "detect_leaks=1:abort_on_error=0:halt_on_er
 # the FMA tiles (128x128x8 wide f32, 64x64x16 narrow f32, 64x64x8 f64) and the WMMA tiles (64x64x32);
 # (150, 72, 140) takes the wide f32 tile in all three GEMMs
 SHAPES = [*ODD_SHAPES, (64, 64, 64), (129, 32, 130), (128, 8, 128), (65, 33, 64), (150, 72, 140)]
+# a long reduction under a small output: the forward and recompute dZ GEMMs take the split-K path
+SHAPES += [(70, 300, 20)]
 # tall-skinny: dW (and dX) take the split-K path with its deterministic second stage
 TALL = [(2000, 20, 10), (700, 9, 3)]
 DTYPES = ("f64", "f32", "f16", "bf16")
@@ -153,6 +156,62 @@ MATRIX = [(act, variant) for act in ACTIVATIONS for variant in VARIANTS
 def test_kernels_match_host_reference(harness, dtype, act, mode, variant):
     shapes = SHAPES + (TALL if mode != "fwd_preact" else [])
     _check(harness, "--dtype", dtype, "--act", act, "--mode", mode, *VARIANTS[variant], *_shape_args(shapes))
+
+
+# SM counts of the GPUs the split-K plan must fill: A100, H100
+SM_COUNTS = (108, 132)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_split_plan_fills_a100_and_h100(harness, dtype):
+    # fp32 M=256, N=1024 is 16 output tiles: 16 blocks on 108-132 SMs unless the reduction is split
+    shapes = [(256, 1024, 1024), (64, 4096, 256), (128, 512, 2048), (512, 2048, 512), (1000, 1000, 1000),
+              (8192, 20, 10), (4096, 4096, 4096), (256, 64, 1024), (16, 100, 16)]
+    r = run(harness, "--dtype", dtype, "--plan", *_shape_args(shapes))
+    assert r.returncode == 0, _report(r)
+    lines = [ln.split() for ln in r.stdout.splitlines()]
+    assert len(lines) == 3 * len(shapes), _report(r)
+    split_seen = False
+    for gemm, *nums in lines:
+        rows, cols, red, tiles, splits, split_len, bk = map(int, nums)
+        blocks = tiles * splits
+        where = f"{dtype} {gemm} {rows}x{cols} red {red}: {tiles} tiles x {splits} splits of {split_len}"
+        assert blocks <= max(tiles, 264), where  # at most two waves of 132 SMs
+        if splits == 1:
+            assert split_len == red, where
+        else:  # chunks of whole k steps, at least 4 of them, covering the reduction
+            split_seen = True
+            assert split_len % bk == 0 and split_len >= 4 * bk, where
+            assert (splits - 1) * split_len < red <= splits * split_len, where
+        if tiles >= 264:
+            assert splits == 1, where
+        elif tiles * math.ceil(red / (4 * bk)) >= 264:  # the reduction is long enough to fill the GPU
+            for sms in SM_COUNTS:
+                waves = math.ceil(blocks / sms)
+                assert blocks >= sms and blocks / (waves * sms) >= 2 / 3, f"{where}: {blocks} blocks on {sms} SMs"
+    assert split_seen
+    fwd = next(ln for ln in lines if ln[0] == "fwd" and ln[1:4] == ["256", "1024", "1024"])
+    assert int(fwd[4]) * int(fwd[5]) >= max(SM_COUNTS), fwd
+
+
+def _plans(harness, dtype, shape):
+    r = run(harness, "--dtype", dtype, "--plan", *_shape_args([shape]))
+    assert r.returncode == 0, _report(r)
+    return {ln.split()[0]: int(ln.split()[5]) for ln in r.stdout.splitlines()}
+
+
+@pytest.mark.parametrize("mode", ["fwd", "recompute"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_split_k_runs_where_planned(harness, dtype, mode):
+    # the forward and the recompute dZ GEMM (epilogues not linear in the sum) split as planned:
+    # one GEMM launch, plus the reduction that applies the epilogue when split
+    shape = (70, 300, 20)
+    splits = _plans(harness, dtype, shape)
+    assert splits["fwd"] > 1
+    gemms = ["fwd"] + (["dx", "dw"] if mode == "recompute" else [])
+    want = sum(1 + (splits[g] > 1) for g in gemms) + (2 if mode == "recompute" else 0)  # + db's two stages
+    r = run(harness, "--dtype", dtype, "--act", "gelu", "--mode", mode, *_shape_args([shape]))
+    assert r.returncode == 0 and f"PASS ({want} kernel launches)" in r.stdout, _report(r)
 
 
 def test_list_is_activations_def(harness):

@@ -326,7 +326,8 @@ struct StoreEpilogue {
 };
 
 // Split-K: block z of the grid writes its partial sums to slice z of an accumulation-type
-// workspace; splitk_reduce_kernel then adds the slices in order (deterministic, no atomics).
+// workspace; splitk_reduce_kernel then adds the slices in order (deterministic, no atomics) and
+// hands each full sum to the GEMM's own epilogue (bias, activation, dZ: not linear in the sum).
 template <typename Acc>
 struct SplitPartialEpilogue {
   Acc* __restrict__ ws;
@@ -340,16 +341,15 @@ struct SplitPartialEpilogue {
 
 constexpr int kReduceThreads = 256;
 
-template <typename T>
+template <typename T, class Epi>
 __global__ void __launch_bounds__(kReduceThreads)
-    splitk_reduce_kernel(const acc_t<T>* __restrict__ ws, int64_t splits, int64_t rows, int64_t cols,
-                         T* __restrict__ out, int64_t ldo) {
+    splitk_reduce_kernel(const acc_t<T>* __restrict__ ws, int64_t splits, int64_t rows, int64_t cols, Epi epi) {
   const int64_t total = rows * cols;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kReduceThreads;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * kReduceThreads + threadIdx.x; i < total; i += stride) {
     acc_t<T> s = ws[i];
     for (int64_t z = 1; z < splits; ++z) s += ws[z * total + i];
-    out[(i / cols) * ldo + i % cols] = Num<T>::from_acc(s);
+    epi(i / cols, i % cols, s);
   }
 }
 
@@ -777,11 +777,12 @@ void run_gemm(const AOp& a, const BOp& b, const Epi& epi, int64_t M, int64_t N, 
   }
 }
 
-// Split-K plan for a GEMM with only a StoreEpilogue (dX, dW): when the output has too few
-// tiles to fill the GPU and the reduction is long (dW of a tall-skinny layer: a small N x K
-// output reduced over all M rows), the reduction is cut into `splits` chunks of `split_len`
-// (a multiple of BK, at least kSplitMinSteps k-steps). Depends on the shape only, so results
-// are reproducible on any GPU.
+// Split-K plan of every GEMM (forward, recompute dZ, dX, dW): when the output has too few tiles
+// to fill the GPU and the reduction is long (dW of a tall-skinny layer: a small N x K output
+// reduced over all M rows; the forward of a short batch through a wide layer), the reduction is
+// cut into `splits` chunks of `split_len` (a multiple of BK, at least kSplitMinSteps k-steps).
+// A pure function of the shape, so results are reproducible on any GPU; the target of two waves
+// of 132 SMs (H100) also fills 108 (A100) to >= 75% in every wave but the partial last one.
 constexpr int64_t kSplitTargetBlocks = 264;  // two waves of 132 SMs
 constexpr int64_t kSplitMaxSplits = 256;
 constexpr int64_t kSplitMinSteps = 4;
@@ -813,9 +814,10 @@ size_t split_workspace_bytes(int64_t rows, int64_t cols, int64_t red) {
   return p.splits > 1 ? static_cast<size_t>(p.splits * rows * cols) * sizeof(acc_t<T>) : 0;
 }
 
-// out[rows, cols] = A . B^T with a plain store, split over the reduction when that helps.
-template <typename T, class AOp, class BOp>
-void run_store_gemm(const AOp& a, const BOp& b, T* out, int64_t ldo, int64_t rows, int64_t cols, int64_t red,
+// epi(A . B^T) for a rows x cols output, split over the reduction when that helps: the splits'
+// partial sums are added before the epilogue (split_ws: split_workspace_bytes<T>(rows, cols, red)).
+template <typename T, class AOp, class BOp, class Epi>
+void run_split_gemm(const AOp& a, const BOp& b, const Epi& epi, int64_t rows, int64_t cols, int64_t red,
                     void* split_ws, cudaStream_t stream, LaunchCheck check) {
   if (rows == 0 || cols == 0) return;
   bool split = false;
@@ -824,7 +826,7 @@ void run_store_gemm(const AOp& a, const BOp& b, T* out, int64_t ldo, int64_t row
     const SplitPlan p = split_plan<Cfg>(rows, cols, red);
     splits = p.splits;
     if (p.splits <= 1) {
-      run_gemm<T, Cfg>(a, b, StoreEpilogue<T>{out, ldo}, rows, cols, red, stream, check);
+      run_gemm<T, Cfg>(a, b, epi, rows, cols, red, stream, check);
       return;
     }
     split = true;
@@ -836,9 +838,9 @@ void run_store_gemm(const AOp& a, const BOp& b, T* out, int64_t ldo, int64_t row
   const int64_t total = rows * cols;
   int64_t blocks = ceil_div(total, kReduceThreads);
   blocks = blocks < 4096 ? blocks : 4096;
-  auto* kernel = &splitk_reduce_kernel<T>;
+  auto* kernel = &splitk_reduce_kernel<T, Epi>;
   FB_LAUNCH(kernel, dim3(static_cast<unsigned>(blocks)), dim3(kReduceThreads), stream,
-            static_cast<const acc_t<T>*>(ws), splits, rows, cols, out, ldo);
+            static_cast<const acc_t<T>*>(ws), splits, rows, cols, epi);
   check();
 }
 
@@ -871,17 +873,17 @@ void run_input_weight_grads(const BwdProblem<T>& p, const DzK& dz_k, const DzR& 
   if (p.dx != nullptr) {
     // dX[M,K] = dZ[M,N] . W[N,K]: B(k, n) = W[n, k] is contiguous along its rows.
     const PlainOperand<T, false> w{p.w, p.ldw, p.K, p.N, vec_ok(p.w, p.ldw, p.K)};
-    run_store_gemm<T>(dz_k, w, p.dx, p.lddx, p.M, p.K, p.N, split_ws, stream, check);
+    run_split_gemm<T>(dz_k, w, StoreEpilogue<T>{p.dx, p.lddx}, p.M, p.K, p.N, split_ws, stream, check);
   }
   if (p.dw != nullptr) {
     // dW[N,K] = dZ^T[N,M] . x[M,K]: B(k, m) = x[m, k] is contiguous along its rows.
     const PlainOperand<T, false> x{p.x, p.ldx, p.K, p.M, vec_ok(p.x, p.ldx, p.K)};
-    run_store_gemm<T>(dz_r, x, p.dw, p.lddw, p.N, p.K, p.M, split_ws, stream, check);
+    run_split_gemm<T>(dz_r, x, StoreEpilogue<T>{p.dw, p.lddw}, p.N, p.K, p.M, split_ws, stream, check);
   }
 }
 
-// Workspace layout: [dZ (recompute)] [db partials] [split-K slices (shared by dX and dW,
-// which run one after the other on the stream)], each 256-byte aligned.
+// Workspace layout: [dZ (recompute)] [db partials] [split-K slices (shared by the recompute
+// GEMM, dX and dW, which run one after the other on the stream)], each 256-byte aligned.
 struct BwdWorkspace {
   size_t dz = 0, db = 0, split = 0;
   size_t dz_off = 0, db_off = 0, split_off = 0, total = 0;
@@ -896,7 +898,9 @@ BwdWorkspace bwd_workspace(int64_t M, int64_t N, int64_t K, bool recompute, bool
   if (need_db) w.db = static_cast<size_t>(db_row_blocks(M)) * static_cast<size_t>(N) * sizeof(acc_t<T>);
   const size_t sx = need_dx ? split_workspace_bytes<T>(M, K, N) : 0;
   const size_t sw = need_dw ? split_workspace_bytes<T>(N, K, M) : 0;
+  const size_t sz = recompute ? split_workspace_bytes<T>(M, N, K) : 0;
   w.split = sx > sw ? sx : sw;
+  w.split = w.split > sz ? w.split : sz;
   w.dz_off = 0;
   w.db_off = align_up(w.dz);
   w.split_off = w.db_off + align_up(w.db);
@@ -912,16 +916,19 @@ size_t bwd_workspace_bytes(int64_t M, int64_t N, int64_t K, bool recompute, bool
   return detail::bwd_workspace<T>(M, N, K, recompute, need_dx, need_dw, need_db).total;
 }
 
+template <typename T>
+size_t fwd_workspace_bytes(int64_t M, int64_t N, int64_t K) {
+  return M == 0 || N == 0 ? 0 : detail::split_workspace_bytes<T>(M, N, K);
+}
+
 template <typename T, Activation A>
 void launch_forward(const FwdProblem<T>& p, cudaStream_t stream, LaunchCheck check) {
   using namespace detail;
   if (p.M == 0 || p.N == 0) return;
   const PlainOperand<T, true> x{p.x, p.ldx, p.M, p.K, vec_ok(p.x, p.ldx, p.K)};
   const PlainOperand<T, true> w{p.w, p.ldw, p.N, p.K, vec_ok(p.w, p.ldw, p.K)};
-  with_gemm_config<T>(p.M, p.N, [&]<class Cfg>() {
-    run_gemm<T, Cfg>(x, w, ForwardEpilogue<T, A>{p.out, p.ldo, p.preact, p.ldp, p.bias, p.a}, p.M, p.N, p.K, stream,
-                     check);
-  });
+  run_split_gemm<T>(x, w, ForwardEpilogue<T, A>{p.out, p.ldo, p.preact, p.ldp, p.bias, p.a}, p.M, p.N, p.K,
+                    p.workspace, stream, check);
 }
 
 template <typename T, Activation A>
@@ -951,10 +958,8 @@ void launch_backward(const BwdProblem<T>& p, cudaStream_t stream, LaunchCheck ch
   {
     const PlainOperand<T, true> x{p.x, p.ldx, p.M, p.K, vec_ok(p.x, p.ldx, p.K)};
     const PlainOperand<T, true> w{p.w, p.ldw, p.N, p.K, vec_ok(p.w, p.ldw, p.K)};
-    with_gemm_config<T>(p.M, p.N, [&]<class Cfg>() {
-      run_gemm<T, Cfg>(x, w, RecomputeDzEpilogue<T, A>{dz, p.N, p.dy, p.lddy, p.bias, p.a}, p.M, p.N, p.K, stream,
-                       check);
-    });
+    run_split_gemm<T>(x, w, RecomputeDzEpilogue<T, A>{dz, p.N, p.dy, p.lddy, p.bias, p.a}, p.M, p.N, p.K, split_ws,
+                      stream, check);
   }
   const bool v = vec_ok(static_cast<const T*>(dz), p.N, p.N);
   const PlainOperand<T, true> dz_k{dz, p.N, p.M, p.N, v};
