@@ -200,16 +200,17 @@ def _plans(harness, dtype, shape):
     return {ln.split()[0]: int(ln.split()[5]) for ln in r.stdout.splitlines()}
 
 
-@pytest.mark.parametrize("mode", ["fwd", "recompute"])
+@pytest.mark.parametrize("mode", ["fwd", "bwd", "recompute"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_split_k_runs_where_planned(harness, dtype, mode):
-    # the forward and the recompute dZ GEMM (epilogues not linear in the sum) split as planned:
-    # one GEMM launch, plus the reduction that applies the epilogue when split
+def test_launches_as_planned(harness, dtype, mode):
+    # The forward and the recompute dZ GEMM (epilogues not linear in the sum) split as planned: one
+    # GEMM launch, plus the reduction that applies the epilogue when split. db is folded into the
+    # dW GEMM, which leaves db only its fixed-order final stage (one launch instead of two).
     shape = (70, 300, 20)
     splits = _plans(harness, dtype, shape)
     assert splits["fwd"] > 1
-    gemms = ["fwd"] + (["dx", "dw"] if mode == "recompute" else [])
-    want = sum(1 + (splits[g] > 1) for g in gemms) + (2 if mode == "recompute" else 0)  # + db's two stages
+    gemms = {"fwd": ["fwd"], "bwd": ["dx", "dw"], "recompute": ["fwd", "dx", "dw"]}[mode]
+    want = sum(1 + (splits[g] > 1) for g in gemms) + (mode != "fwd")  # + db_finalize_kernel
     r = run(harness, "--dtype", dtype, "--act", "gelu", "--mode", mode, *_shape_args([shape]))
     assert r.returncode == 0 and f"PASS ({want} kernel launches)" in r.stdout, _report(r)
 
@@ -307,7 +308,9 @@ MUTATIONS = {
         ["--mode", "bwd", "700,9,3"], "MISMATCH"),
     "db-missing-syncthreads": (
         "  red[group * kDbCols + lane] = s;\n  __syncthreads();", "  red[group * kDbCols + lane] = s;\n",
-        ["--mode", "bwd"], "MISMATCH"),
+        ["--mode", "bwd", "--mask", "101"], "MISMATCH"),  # without dW: the db kernels
+    "db-fold-drops-a-k-step": (
+        "for (int j = 0; j < BK / P; ++j)", "for (int j = 0; j + 1 < BK / P; ++j)", ["--mode", "bwd"], "MISMATCH"),
     "preact-stores-the-activation": (
         "preact[r * ldp + c] = Num<T>::from_acc(z);",
         "preact[r * ldp + c] = Num<T>::from_acc(Act<A>::template forward<acc_t<T>>(z, a));",

@@ -237,6 +237,39 @@ __device__ __forceinline__ void fetch_tile(const Op& op, TileRegs<BR, BK, NT, T>
   }
 }
 
+// db folded into the dW GEMM: its A operand, dZ^T (rows = N, contiguous along the rows), also
+// hands the row sums of its tiles to `sums`. The blocks of the first column tile add up the
+// staged A tile, P = NT / BM threads per row (thread t: row t % BM, every P-th k from t / BM),
+// and thread t of split z writes sums[(z * P + t / BM) * rows + row]; db_finalize_kernel adds
+// those partials in a fixed order. dZ is read once for dW and db instead of once more for db.
+template <typename T, class Op>
+struct RowSumOperand : Op {
+  acc_t<T>* __restrict__ sums;
+};
+template <class Op>
+inline constexpr bool kRowSums = false;
+template <typename T, class Op>
+inline constexpr bool kRowSums<RowSumOperand<T, Op>> = true;
+
+template <int BM, int NT>
+inline constexpr int kRowSumParts = NT / BM;
+
+// Adds this thread's share of the k-major A tile S[k * ld + r] (BK steps) to s.
+template <int BM, int BK, int NT, typename T>
+__device__ __forceinline__ void add_row_sums(const T* __restrict__ S, int ld, int tid, acc_t<T>& s) {
+  constexpr int P = kRowSumParts<BM, NT>;
+  static_assert(NT % BM == 0 && BK % P == 0, "whole k steps per row-sum thread");
+#pragma unroll
+  for (int j = 0; j < BK / P; ++j) s += Num<T>::to_acc(S[(tid / BM + j * P) * ld + tid % BM]);
+}
+
+template <int BM, int NT, class AOp, typename Acc>
+__device__ __forceinline__ void store_row_sums(const AOp& a, Acc s, int64_t m0, int64_t rows, int tid) {
+  constexpr int P = kRowSumParts<BM, NT>;
+  const int64_t r = m0 + tid % BM;
+  if (r < rows) a.sums[(static_cast<int64_t>(blockIdx.z) * P + tid / BM) * rows + r] = s;
+}
+
 // split-K: block z reduces [begin, end) of the reduction (split_len is a multiple of BK, so no
 // tile straddles two chunks; the operands are masked at `end` all the same). The GEMM kernels'
 // shared set-up.
@@ -469,6 +502,8 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MIN_BLOCKS)
 
   const auto [k_begin, k_end, al, bl] = split_k_slice(a, b, split_len, red);
   const auto e = epi.for_split(blockIdx.z);
+  const bool row_sums = kRowSums<AOp> && blockIdx.y == 0 && n_base == 0;  // uniform over the block
+  Acc rs = Acc(0);
 
   TileRegs<C::BM, C::BK, C::NT, T> ta;
   TileRegs<C::BN, C::BK, C::NT, T> tb;
@@ -483,6 +518,9 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MIN_BLOCKS)
     if (k0 + C::BK < k_end) {  // next tile's global loads overlap this tile's FMAs
       fetch_tile(al, ta, m0, k0 + C::BK, tid);
       fetch_tile(bl, tb, n0, k0 + C::BK, tid);
+    }
+    if constexpr (kRowSums<AOp>) {
+      if (row_sums) add_row_sums<C::BM, C::BK, C::NT>(As, LDA, tid, rs);
     }
 #pragma unroll
     for (int kk = 0; kk < C::BK; ++kk) {
@@ -499,6 +537,9 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MIN_BLOCKS)
     __syncthreads();
   }
 
+  if constexpr (kRowSums<AOp>) {
+    if (row_sums) store_row_sums<C::BM, C::NT>(a, rs, m0, M, tid);
+  }
   // Epilogue through shared memory, one register row at a time (the operand tiles are dead: last
   // barrier above), so a warp's lanes store consecutive columns instead of columns TN apart.
   constexpr int EPC = Smem::EPC, SR = C::BM / C::TM;
@@ -588,6 +629,9 @@ __global__ void __launch_bounds__(WmmaConfig::NT, 4)
 
   const auto [k_begin, k_end, al, bl] = split_k_slice(a, b, split_len, red);
   const auto e = epi.for_split(blockIdx.z);
+  static_assert(!kRowSums<AOp> || !AOp::kKContig, "row sums read a k-major A tile");
+  const bool row_sums = kRowSums<AOp> && blockIdx.y == 0 && n_base == 0;  // uniform over the block
+  float rs = 0.0f;
 
   TileRegs<C::BM, C::BK, C::NT, T> ta;
   TileRegs<C::BN, C::BK, C::NT, T> tb;
@@ -602,6 +646,9 @@ __global__ void __launch_bounds__(WmmaConfig::NT, 4)
     if (k0 + C::BK < k_end) {  // next tile's global loads overlap this tile's MMAs
       fetch_tile(al, ta, m0, k0 + C::BK, tid);
       fetch_tile(bl, tb, n0, k0 + C::BK, tid);
+    }
+    if constexpr (kRowSums<AOp>) {
+      if (row_sums) add_row_sums<C::BM, C::BK, C::NT>(sm.ab.a, TA::ld, tid, rs);
     }
 #pragma unroll
     for (int kk = 0; kk < C::BK; kk += 16) {
@@ -619,6 +666,9 @@ __global__ void __launch_bounds__(WmmaConfig::NT, 4)
     __syncthreads();
   }
 
+  if constexpr (kRowSums<AOp>) {
+    if (row_sums) store_row_sums<C::BM, C::NT>(a, rs, m0, M, tid);
+  }
   // The operand tiles are dead (last barrier above): reuse their space for the accumulators.
 #pragma unroll
   for (int i = 0; i < FM; ++i)
@@ -866,10 +916,20 @@ void run_bias_grad(const Elem& dz, int64_t M, int64_t N, acc_t<T>* partial, T* d
 
 inline size_t align_up(size_t v) { return (v + 255) / 256 * 256; }
 
-// dX and dW from a dZ operand pair (the same dZ read as k-contiguous for dX, row-contiguous for dW).
-template <typename T, class DzK, class DzR>
-void run_input_weight_grads(const BwdProblem<T>& p, const DzK& dz_k, const DzR& dz_r, void* split_ws,
-                            cudaStream_t stream, LaunchCheck check) {
+// The db partials the dW GEMM writes when db is folded into it: P per split of its plan.
+template <typename T>
+int64_t db_fold_parts(int64_t N, int64_t K, int64_t M) {
+  return with_gemm_config<T>(N, K, [&]<class Cfg>() {
+    return kRowSumParts<Cfg::BM, Cfg::NT> * split_plan<Cfg>(N, K, M).splits;
+  });
+}
+
+// dX, dW and db from a dZ operand pair (the same dZ read as k-contiguous for dX, row-contiguous
+// for dW); db is folded into dW when both are wanted (db_partial: the partials' workspace),
+// else reduced from `db_elem` by the db kernels.
+template <typename T, class DzK, class DzR, class DbElem>
+void run_dz_grads(const BwdProblem<T>& p, const DzK& dz_k, const DzR& dz_r, const DbElem& db_elem,
+                  acc_t<T>* db_partial, void* split_ws, cudaStream_t stream, LaunchCheck check) {
   if (p.dx != nullptr) {
     // dX[M,K] = dZ[M,N] . W[N,K]: B(k, n) = W[n, k] is contiguous along its rows.
     const PlainOperand<T, false> w{p.w, p.ldw, p.K, p.N, vec_ok(p.w, p.ldw, p.K)};
@@ -878,8 +938,20 @@ void run_input_weight_grads(const BwdProblem<T>& p, const DzK& dz_k, const DzR& 
   if (p.dw != nullptr) {
     // dW[N,K] = dZ^T[N,M] . x[M,K]: B(k, m) = x[m, k] is contiguous along its rows.
     const PlainOperand<T, false> x{p.x, p.ldx, p.K, p.M, vec_ok(p.x, p.ldx, p.K)};
-    run_split_gemm<T>(dz_r, x, StoreEpilogue<T>{p.dw, p.lddw}, p.N, p.K, p.M, split_ws, stream, check);
+    const StoreEpilogue<T> out{p.dw, p.lddw};
+    if (p.db == nullptr) {
+      run_split_gemm<T>(dz_r, x, out, p.N, p.K, p.M, split_ws, stream, check);
+      return;
+    }
+    run_split_gemm<T>(RowSumOperand<T, DzR>{dz_r, db_partial}, x, out, p.N, p.K, p.M, split_ws, stream, check);
+    const int64_t parts = db_fold_parts<T>(p.N, p.K, p.M);
+    auto* kernel = &db_finalize_kernel<T>;
+    FB_LAUNCH(kernel, dim3(static_cast<unsigned>(ceil_div(p.N, kDbFinalColsPerBlock))), dim3(kDbFinalThreads), stream,
+              static_cast<const acc_t<T>*>(db_partial), parts, p.N, p.db);
+    check();
+    return;
   }
+  if (p.db != nullptr) run_bias_grad<T>(db_elem, p.M, p.N, db_partial, p.db, stream, check);
 }
 
 // Workspace layout: [dZ (recompute)] [db partials] [split-K slices (shared by the recompute
@@ -895,7 +967,10 @@ BwdWorkspace bwd_workspace(int64_t M, int64_t N, int64_t K, bool recompute, bool
   BwdWorkspace w;
   if (M == 0 || N == 0) return w;
   if (recompute) w.dz = static_cast<size_t>(M) * static_cast<size_t>(N) * sizeof(T);
-  if (need_db) w.db = static_cast<size_t>(db_row_blocks(M)) * static_cast<size_t>(N) * sizeof(acc_t<T>);
+  if (need_db) {
+    const int64_t parts = need_dw ? db_fold_parts<T>(N, K, M) : db_row_blocks(M);
+    w.db = static_cast<size_t>(parts) * static_cast<size_t>(N) * sizeof(acc_t<T>);
+  }
   const size_t sx = need_dx ? split_workspace_bytes<T>(M, K, N) : 0;
   const size_t sw = need_dw ? split_workspace_bytes<T>(N, K, M) : 0;
   const size_t sz = recompute ? split_workspace_bytes<T>(M, N, K) : 0;
@@ -946,11 +1021,8 @@ void launch_backward(const BwdProblem<T>& p, cudaStream_t stream, LaunchCheck ch
     const bool v = vec_ok(p.dy, p.lddy, p.N) && vec_ok(p.saved, p.lds, p.N);
     const DzFromSavedOperand<T, A, true> dz_k{p.dy, p.lddy, p.saved, p.lds, p.M, p.N, v, p.a};
     const DzFromSavedOperand<T, A, false> dz_r{p.dy, p.lddy, p.saved, p.lds, p.N, p.M, v, p.a};
-    run_input_weight_grads<T>(p, dz_k, dz_r, split_ws, stream, check);
-    if (p.db != nullptr) {
-      run_bias_grad<T>(DzFromSavedElem<T, A>{p.dy, p.lddy, p.saved, p.lds, p.a}, p.M, p.N, db_partial, p.db, stream,
-                       check);
-    }
+    run_dz_grads<T>(p, dz_k, dz_r, DzFromSavedElem<T, A>{p.dy, p.lddy, p.saved, p.lds, p.a}, db_partial, split_ws,
+                    stream, check);
     return;
   }
   // Recompute: one GEMM recomputes Z = x W^T + b and writes dZ; the rest reads dZ.
@@ -964,8 +1036,7 @@ void launch_backward(const BwdProblem<T>& p, cudaStream_t stream, LaunchCheck ch
   const bool v = vec_ok(static_cast<const T*>(dz), p.N, p.N);
   const PlainOperand<T, true> dz_k{dz, p.N, p.M, p.N, v};
   const PlainOperand<T, false> dz_r{dz, p.N, p.N, p.M, v};
-  run_input_weight_grads<T>(p, dz_k, dz_r, split_ws, stream, check);
-  if (p.db != nullptr) run_bias_grad<T>(PlainElem<T>{dz, p.N}, p.M, p.N, db_partial, p.db, stream, check);
+  run_dz_grads<T>(p, dz_k, dz_r, PlainElem<T>{dz, p.N}, db_partial, split_ws, stream, check);
 }
 
 }  // namespace fused_backprop::cuda

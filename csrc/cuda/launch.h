@@ -71,7 +71,8 @@ struct FwdProblem {
 //   saved == nullptr (recompute): Z = x W^T + b is recomputed by a GEMM whose epilogue writes
 //   dZ = dY * act'(Z) to the workspace; the GEMMs below then read that dZ.
 // dx (M, K), dw (N, K), db (N): nullptr when not requested. db is reduced deterministically:
-// per-block column partials (fixed row blocks) then a second, fixed-order stage; no atomics.
+// per-block column partials (fixed row blocks; with dw, by the dW GEMM from the dZ tiles it
+// loads anyway) then a second, fixed-order stage; no atomics.
 template <typename T>
 struct BwdProblem {
   const T* dy;
