@@ -256,7 +256,7 @@ bool run_case(const Options& o, const RefAct& ref, int64_t M, int64_t K, int64_t
     const bool keep = o.mode == "fwd_preact";
     Mat<T> out(M, N, o.pad, o.misalign), zt(M, N, o.pad, o.misalign);
     Workspace ws(fbc::fwd_workspace_bytes<T>(M, N, K));
-    fbc::FwdProblem<T> p{x.p,  x.ld, w.p, w.ld, bias, out.p, out.ld, keep ? zt.p : nullptr, zt.ld, M, N, K,
+    fbc::FwdProblem<T> p{x.p, x.ld, w.p, w.ld, bias, out.p, out.ld, keep ? zt.p : nullptr, zt.ld, M, N, K,
                          ws.p, a_acc};
     fbc::launch_forward<T, A>(p, nullptr, no_check);
     ok &= compare("y", out, y, N);
