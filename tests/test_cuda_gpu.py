@@ -27,8 +27,9 @@ pytestmark = [
 ]
 
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-# odd shapes, tile multiples of both the FMA (128/64) and WMMA (64x64x32) tiles, and a larger one
-SHAPES = [*ODD_SHAPES, (64, 64, 64), (129, 32, 130), (256, 96, 200), (1000, 300, 257)]
+# odd shapes, tile multiples of both the FMA (128/64) and WMMA (64x64x32) tiles, and a larger one;
+# (256, 1024, 1024): 16 output tiles, so the forward and recompute GEMMs split K 16 ways
+SHAPES = [*ODD_SHAPES, (64, 64, 64), (129, 32, 130), (256, 96, 200), (1000, 300, 257), (256, 1024, 1024)]
 DEV = "cuda"
 ACTIVATIONS = fb.ACTIVATIONS
 

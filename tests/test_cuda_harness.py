@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import math
 import os
 import re
 import shutil
@@ -42,6 +43,8 @@ ENV = {**os.environ, "ASAN_OPTIONS": "detect_leaks=1:abort_on_error=0:halt_on_er
 # the FMA tiles (128x128x8 wide f32, 64x64x16 narrow f32, 64x64x8 f64) and the WMMA tiles (64x64x32);
 # (150, 72, 140) takes the wide f32 tile in all three GEMMs
 SHAPES = [*ODD_SHAPES, (64, 64, 64), (129, 32, 130), (128, 8, 128), (65, 33, 64), (150, 72, 140)]
+# a long reduction under a small output: the forward and recompute dZ GEMMs take the split-K path
+SHAPES += [(70, 300, 20)]
 # tall-skinny: dW (and dX) take the split-K path with its deterministic second stage
 TALL = [(2000, 20, 10), (700, 9, 3)]
 DTYPES = ("f64", "f32", "f16", "bf16")
@@ -155,6 +158,63 @@ def test_kernels_match_host_reference(harness, dtype, act, mode, variant):
     _check(harness, "--dtype", dtype, "--act", act, "--mode", mode, *VARIANTS[variant], *_shape_args(shapes))
 
 
+# SM counts of the GPUs the split-K plan must fill: A100, H100
+SM_COUNTS = (108, 132)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_split_plan_fills_a100_and_h100(harness, dtype):
+    # fp32 M=256, N=1024 is 16 output tiles: 16 blocks on 108-132 SMs unless the reduction is split
+    shapes = [(256, 1024, 1024), (64, 4096, 256), (128, 512, 2048), (512, 2048, 512), (1000, 1000, 1000),
+              (8192, 20, 10), (4096, 4096, 4096), (256, 64, 1024), (16, 100, 16)]
+    r = run(harness, "--dtype", dtype, "--plan", *_shape_args(shapes))
+    assert r.returncode == 0, _report(r)
+    lines = [ln.split() for ln in r.stdout.splitlines()]
+    assert len(lines) == 3 * len(shapes), _report(r)
+    split_seen = False
+    for gemm, *nums in lines:
+        rows, cols, red, tiles, splits, split_len, bk = map(int, nums)
+        blocks = tiles * splits
+        where = f"{dtype} {gemm} {rows}x{cols} red {red}: {tiles} tiles x {splits} splits of {split_len}"
+        assert blocks <= max(tiles, 264), where  # at most two waves of 132 SMs
+        if splits == 1:
+            assert split_len == red, where
+        else:  # chunks of whole k steps, at least 4 of them, covering the reduction
+            split_seen = True
+            assert split_len % bk == 0 and split_len >= 4 * bk, where
+            assert (splits - 1) * split_len < red <= splits * split_len, where
+        if tiles >= 264:
+            assert splits == 1, where
+        elif tiles * math.ceil(red / (4 * bk)) >= 264:  # the reduction is long enough to fill the GPU
+            for sms in SM_COUNTS:
+                waves = math.ceil(blocks / sms)
+                assert blocks >= sms and blocks / (waves * sms) >= 2 / 3, f"{where}: {blocks} blocks on {sms} SMs"
+    assert split_seen
+    fwd = next(ln for ln in lines if ln[0] == "fwd" and ln[1:4] == ["256", "1024", "1024"])
+    assert int(fwd[4]) * int(fwd[5]) >= max(SM_COUNTS), fwd
+
+
+def _plans(harness, dtype, shape):
+    r = run(harness, "--dtype", dtype, "--plan", *_shape_args([shape]))
+    assert r.returncode == 0, _report(r)
+    return {ln.split()[0]: int(ln.split()[5]) for ln in r.stdout.splitlines()}
+
+
+@pytest.mark.parametrize("mode", ["fwd", "bwd", "recompute"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_launches_as_planned(harness, dtype, mode):
+    # The forward and the recompute dZ GEMM (epilogues not linear in the sum) split as planned: one
+    # GEMM launch, plus the reduction that applies the epilogue when split. db is folded into the
+    # dW GEMM, which leaves db only its fixed-order final stage (one launch instead of two).
+    shape = (70, 300, 20)
+    splits = _plans(harness, dtype, shape)
+    assert splits["fwd"] > 1
+    gemms = {"fwd": ["fwd"], "bwd": ["dx", "dw"], "recompute": ["fwd", "dx", "dw"]}[mode]
+    want = sum(1 + (splits[g] > 1) for g in gemms) + (mode != "fwd")  # + db_finalize_kernel
+    r = run(harness, "--dtype", dtype, "--act", "gelu", "--mode", mode, *_shape_args([shape]))
+    assert r.returncode == 0 and f"PASS ({want} kernel launches)" in r.stdout, _report(r)
+
+
 def test_list_is_activations_def(harness):
     r = run(harness, "--list")
     assert r.returncode == 0 and tuple(r.stdout.split()) == ACTIVATIONS, _report(r)
@@ -210,7 +270,7 @@ def test_wide_problem(harness, act, mode):
     _check(harness, "--dtype", "f32", "--act", act, "--mode", mode, *_shape_args([(300, 70, 260)]))
 
 
-@pytest.mark.parametrize("name", ["schedule", "votes", "missing-sync"])
+@pytest.mark.parametrize("name", ["schedule", "votes", "missing-sync", "epilogue-lanes"])
 def test_harness_selftest(harness, name):
     r = run(harness, "--selftest", name)
     assert r.returncode == 0, _report(r)
@@ -238,7 +298,7 @@ MUTATIONS = {
         "        for (int j = 0; j < C::TN; ++j) acc[i][j] = ra[i] * rb[j] + acc[i][j];\n    }\n",
         ["--mode", "fwd"], "MISMATCH"),
     "fma-off-by-one-row-bound": (
-        "if (r < M && c < N) e(r, c, acc[i][j]);", "if (r <= M && c < N) e(r, c, acc[i][j]);",
+        "if (r < M && c < N) e(r, c, at(rr, cc));", "if (r <= M && c < N) e(r, c, at(rr, cc));",
         ["--mode", "fwd"], "AddressSanitizer"),
     "tile-loader-off-by-one-k": (
         "if (r < rows && k < red) {\n      const T* q = KC", "if (r < rows && k <= red) {\n      const T* q = KC",
@@ -248,7 +308,9 @@ MUTATIONS = {
         ["--mode", "bwd", "700,9,3"], "MISMATCH"),
     "db-missing-syncthreads": (
         "  red[group * kDbCols + lane] = s;\n  __syncthreads();", "  red[group * kDbCols + lane] = s;\n",
-        ["--mode", "bwd"], "MISMATCH"),
+        ["--mode", "bwd", "--mask", "101"], "MISMATCH"),  # without dW: the db kernels
+    "db-fold-drops-a-k-step": (
+        "for (int j = 0; j < BK / P; ++j)", "for (int j = 0; j + 1 < BK / P; ++j)", ["--mode", "bwd"], "MISMATCH"),
     "preact-stores-the-activation": (
         "preact[r * ldp + c] = Num<T>::from_acc(z);",
         "preact[r * ldp + c] = Num<T>::from_acc(Act<A>::template forward<acc_t<T>>(z, a));",

@@ -11,6 +11,7 @@ cubins and reports are cached under build/cuda_static/<hash of sources and flags
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import glob
 import hashlib
@@ -178,28 +179,112 @@ def test_every_activation_instantiated(reports):
                     f"{dtype} {arch}: no {part} kernel for activation {act!r}"
 
 
-def test_tensor_core_kernels_use_hmma(reports):
+@pytest.fixture(scope="session")
+def sass(reports):
+    """{(dtype, arch): {short kernel name: its SASS opcodes in order (with modifiers: STS.128, HMMA.16816.F32)}}"""
     cuobjdump, nvdisasm = _tool("cuobjdump"), _tool("nvdisasm")
     if cuobjdump is None or nvdisasm is None:
         pytest.skip("cuobjdump/nvdisasm not found: pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm")
     env = {**os.environ, "PATH": os.path.dirname(nvdisasm) + os.pathsep + os.environ.get("PATH", "")}
+    out = {}
     for (dtype, arch), (cubin, _) in sorted(reports.items()):
         r = subprocess.run([cuobjdump, "-sass", str(cubin)], capture_output=True, text=True, env=env)
         assert r.returncode == 0, r.stderr
-        counts: dict[str, int] = {}
+        counts: dict[str, list[str]] = {}
         fn = None
         for line in r.stdout.splitlines():
             m = re.search(r"Function : (\S+)", line)
             if m:
                 fn = m.group(1)
-                counts[fn] = 0
-            elif fn is not None and re.search(r"\bHMMA\b", line):
-                counts[fn] += 1
-        gemms = {k: v for k, v in counts.items() if "gemm_" in k}
-        assert gemms, f"no GEMM kernels in {cubin.name}"
+                counts[fn] = []
+                continue
+            m = re.search(r"/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", line)
+            if fn is not None and m:
+                counts[fn].append(m.group(1))
+        names = _demangle(list(counts))
+        out[dtype, arch] = {_short(names[k]): v for k, v in counts.items()}
+    return out
+
+
+def _count(ops, prefix: str) -> int:
+    return sum(op == prefix or op.startswith(prefix + ".") for op in ops)
+
+
+def test_tensor_core_kernels_use_hmma(sass):
+    for (dtype, arch), kernels in sass.items():
+        gemms = {k: _count(ops, "HMMA") for k, ops in kernels.items() if "gemm_" in k}
+        assert gemms, f"no GEMM kernels in the {dtype} {arch} build"
         for name, n in gemms.items():
             if dtype in ("f16", "bf16"):
                 assert n > 0, f"{arch} {dtype}: {name} has no HMMA instruction"
             else:
                 assert n == 0, f"{arch} {dtype}: FMA-path kernel {name} contains HMMA"
         print(f"{arch} {dtype}: HMMA per GEMM kernel: {sorted(set(gemms.values()))}")
+
+
+def test_wmma_tiles_stored_as_vectors(sass):
+    # Every fp16/bf16 operand tile lies in shared memory as it was loaded, so the k loop stores
+    # only 16-byte vectors (STS.128), on every path (the unaligned fallback stages the same
+    # vectors). A transposed scalar store (STS.U16 at S[(r + j) * LDS + k]) puts a warp's lanes on
+    # one bank: ~128 store wavefronts per k step instead of 8-16. Besides them the kernel has only
+    # the accumulator staging (STS.64) and no local memory (LDL/STL).
+    rows = []
+    for (dtype, arch), kernels in sorted(sass.items()):
+        if dtype not in ("f16", "bf16"):
+            continue
+        for name, ops in kernels.items():
+            if "gemm_wmma_kernel" not in name:
+                continue
+            sts = collections.Counter(op for op in ops if op.startswith("STS"))
+            other = {op: n for op, n in sts.items() if op not in ("STS.128", "STS.64")}
+            assert not other and sts.get("STS.128", 0) > 0, f"{arch} {dtype} {name}: shared stores {sts}"
+            assert not (_count(ops, "LDL") or _count(ops, "STL")), f"{arch} {dtype} {name}: local memory"
+            rows.append(f"{arch} {dtype} STS.128 {sts['STS.128']:2d} / HMMA {_count(ops, 'HMMA'):2d}  {name}")
+    assert rows, "no WMMA kernels"
+    print("\nWMMA k-loop tile stores per HMMA:\n" + "\n".join(rows))
+
+
+def _sts64_accumulator_conflicts(ldc: int) -> int:
+    """Worst bank multiplicity of wmma::store_matrix_sync's 64-bit shared stores of an fp32
+    accumulator at row stride `ldc` floats. Fragment layout of mma.m16n8k16 (PTX ISA, "Matrix
+    Fragments for mma.m16n8k16"): lane l holds c0, c1 at row l / 4, columns 2 (l % 4) + {0, 1}
+    (c2, c3 eight rows below). A 64-bit access is served in two phases of 16 lanes."""
+    worst = 1
+    for phase in (range(0, 16), range(16, 32)):
+        banks = collections.Counter()
+        for lane in phase:
+            word = (lane // 4) * ldc + 2 * (lane % 4)
+            banks.update([word % 32, (word + 1) % 32])
+        worst = max(worst, max(banks.values()))
+    return worst
+
+
+def test_wmma_accumulator_staging_free_of_bank_conflicts(sass):
+    src = (CUDA_DIR / "kernels.cuh").read_text()
+    cfg = re.search(r"struct WmmaConfig \{.*?BN = (\d+),.*?CPAD = (\d+);", src, re.S)
+    ldc = int(cfg.group(1)) + int(cfg.group(2))
+    assert _sts64_accumulator_conflicts(68) == 2  # the model sees the old padding's conflicts
+    assert _sts64_accumulator_conflicts(ldc) == 1, f"LDC = {ldc}: 2-way bank conflicts in the accumulator staging"
+    # the binary stores as the model assumes: STS.64, the c2/c3 half 8 rows (8 * LDC * 4 bytes) below
+    for (dtype, arch), kernels in sass.items():
+        for name, ops in kernels.items():
+            if "gemm_wmma_kernel" in name:
+                assert ops.count("STS.64") == 16, f"{arch} {dtype} {name}: accumulator stores {ops.count('STS.64')}"
+
+
+def test_gemm_k_loop_loads_one_tile_ahead(sass):
+    # Both paths of the tile loader (16-byte vectors, and the element loads of unaligned or odd-
+    # sized operands) fetch the next tile into registers before this tile's MMAs / FMAs, so the
+    # k loop's head -- the tile stores up to the barrier -- issues no global load. (The old
+    # scalar fallback loaded its elements there: nothing in flight during the math, latency-bound.)
+    n = 0
+    for (dtype, arch), kernels in sorted(sass.items()):
+        for name, ops in kernels.items():
+            if "gemm_" not in name:
+                continue
+            head = next(i for i, op in enumerate(ops) if op.startswith("STS"))
+            bar = next(i for i in range(head, len(ops)) if ops[i].startswith("BAR"))
+            loads = [op for op in ops[head:bar] if op.startswith("LDG")]
+            assert not loads, f"{arch} {dtype} {name}: global loads between the tile stores and the barrier: {loads}"
+            n += 1
+    assert n > 0, "no GEMM kernels"

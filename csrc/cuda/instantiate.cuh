@@ -9,6 +9,7 @@
 
 namespace fused_backprop::cuda {
 
+template size_t fwd_workspace_bytes<FB_CUDA_ELEMENT_TYPE>(int64_t, int64_t, int64_t);
 template size_t bwd_workspace_bytes<FB_CUDA_ELEMENT_TYPE>(int64_t, int64_t, int64_t, bool, bool, bool, bool);
 
 #define FB_ACTIVATION(E, name, saved, sign)                                                                  \

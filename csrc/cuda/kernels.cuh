@@ -182,35 +182,92 @@ struct DzFromSavedOperand {
 // GEMM main loops fetch the next tile from global memory into these registers while computing
 // on the current one in shared memory (register-staged software pipelining), then store them to
 // shared memory after the barrier.
+// The elements are kept as 16-byte vectors: the unaligned fallback packs its element loads into
+// them as it goes (two 16-bit elements per register, as the vector path holds them).
 template <int BR, int BK, int NT, typename T>
 struct TileRegs {
-  static constexpr int E = BR * BK / NT;
+  static constexpr int E = BR * BK / NT, NV = E / kVec<T>;
   static_assert(BR * BK % NT == 0 && E % kVec<T> == 0, "a tile must split into whole vectors per thread");
-  T v[E];
+  Vec16<T, kVec<T>> v[NV];
 };
 
-// Fetches the tile of `op` at (r0, k0) into registers: consecutive threads take consecutive
-// 16-byte vectors along the operand's contiguous dimension (coalesced). Without `vec` (unaligned
-// or odd-sized operands) nothing is staged: store_tile loads the elements itself (staging E
-// scalar loads with their 64-bit addresses costs more registers than the pipelining gains).
+// Where thread tid's it-th vector of a tile starts: V = kVec<T> consecutive elements along the
+// operand's contiguous dimension, consecutive threads on consecutive vectors (coalesced).
+template <int BR, int BK, int NT, bool KC, typename T>
+struct TileVec {
+  int r, k;
+  __device__ __forceinline__ TileVec(int tid, int it) {
+    constexpr int V = kVec<T>;
+    static_assert(BK % V == 0 && BR % V == 0, "tile edges must hold whole vectors");
+    constexpr int CV = KC ? BK / V : BR / V;  // vectors along the contiguous dimension
+    const int i = tid + it * NT;
+    const int outer = i / CV, inner = (i % CV) * V;
+    r = KC ? outer : inner;
+    k = KC ? inner : outer;
+  }
+};
+
+// Fetches the tile of `op` at (r0, k0) into registers, one vector per TileVec: a 16-byte load
+// where `vec` allows, else (unaligned or odd-sized operands) V element loads, each masked on its
+// own. Both paths stage the same elements, so the fallback is pipelined like the vector path and
+// store_tile writes both with the same (vector) shared stores.
 template <int BR, int BK, int NT, class Op, typename T>
 __device__ __forceinline__ void fetch_tile(const Op& op, TileRegs<BR, BK, NT, T>& t, int64_t r0, int64_t k0,
                                            int tid) {
   constexpr bool KC = Op::kKContig;
-  constexpr int V = kVec<T>, E = TileRegs<BR, BK, NT, T>::E;
-  static_assert(BK % V == 0 && BR % V == 0, "tile edges must hold whole vectors");
+  constexpr int V = kVec<T>;
+  constexpr int NV = TileRegs<BR, BK, NT, T>::NV;
   if (op.vec) {
-    constexpr int CV = KC ? BK / V : BR / V;  // vectors along the contiguous dimension
 #pragma unroll
-    for (int it = 0; it < E / V; ++it) {
-      const int i = tid + it * NT;
-      const int outer = i / CV, inner = (i % CV) * V;
-      T v[V];
-      op.template load<V>(r0 + (KC ? outer : inner), k0 + (KC ? inner : outer), v);
+    for (int it = 0; it < NV; ++it) {
+      const TileVec<BR, BK, NT, KC, T> at(tid, it);
+      op.template load<V>(r0 + at.r, k0 + at.k, t.v[it].v);
+    }
+  } else {
 #pragma unroll
-      for (int j = 0; j < V; ++j) t.v[it * V + j] = v[j];
+    for (int it = 0; it < NV; ++it) {
+      const TileVec<BR, BK, NT, KC, T> at(tid, it);
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        T s[1];
+        op.template load<1>(r0 + at.r + (KC ? 0 : j), k0 + at.k + (KC ? j : 0), s);
+        t.v[it].v[j] = s[0];
+      }
     }
   }
+}
+
+// db folded into the dW GEMM: its A operand, dZ^T (rows = N, contiguous along the rows), also
+// hands the row sums of its tiles to `sums`. The blocks of the first column tile add up the
+// staged A tile, P = NT / BM threads per row (thread t: row t % BM, every P-th k from t / BM),
+// and thread t of split z writes sums[(z * P + t / BM) * rows + row]; db_finalize_kernel adds
+// those partials in a fixed order. dZ is read once for dW and db instead of once more for db.
+template <typename T, class Op>
+struct RowSumOperand : Op {
+  acc_t<T>* __restrict__ sums;
+};
+template <class Op>
+inline constexpr bool kRowSums = false;
+template <typename T, class Op>
+inline constexpr bool kRowSums<RowSumOperand<T, Op>> = true;
+
+template <int BM, int NT>
+inline constexpr int kRowSumParts = NT / BM;
+
+// Adds this thread's share of the k-major A tile S[k * ld + r] (BK steps) to s.
+template <int BM, int BK, int NT, typename T>
+__device__ __forceinline__ void add_row_sums(const T* __restrict__ S, int ld, int tid, acc_t<T>& s) {
+  constexpr int P = kRowSumParts<BM, NT>;
+  static_assert(NT % BM == 0 && BK % P == 0, "whole k steps per row-sum thread");
+#pragma unroll
+  for (int j = 0; j < BK / P; ++j) s += Num<T>::to_acc(S[(tid / BM + j * P) * ld + tid % BM]);
+}
+
+template <int BM, int NT, class AOp, typename Acc>
+__device__ __forceinline__ void store_row_sums(const AOp& a, Acc s, int64_t m0, int64_t rows, int tid) {
+  constexpr int P = kRowSumParts<BM, NT>;
+  const int64_t r = m0 + tid % BM;
+  if (r < rows) a.sums[(static_cast<int64_t>(blockIdx.z) * P + tid / BM) * rows + r] = s;
 }
 
 // split-K: block z reduces [begin, end) of the reduction (split_len is a multiple of BK, so no
@@ -234,52 +291,23 @@ __device__ __forceinline__ SplitKSlice<AOp, BOp> split_k_slice(const AOp& a, con
   return s;
 }
 
-// Stores the tile of `op` at (r0, k0) to shared memory S, laid out k-major (S[k*LDS + r], the
-// FMA kernel) or r-major (S[r*LDS + k], the WMMA kernel): from the registers fetch_tile filled
-// (a vector that runs along the smem row is one 16-byte shared store), or, without `vec`,
-// straight from global memory element by element.
-template <int BR, int BK, int NT, bool SMEM_KMAJOR, int LDS, class Op, typename T>
-__device__ __forceinline__ void store_tile(const Op& op, const TileRegs<BR, BK, NT, T>& t, T* __restrict__ S,
-                                           int64_t r0, int64_t k0, int tid) {
-  constexpr bool KC = Op::kKContig;
-  constexpr int V = kVec<T>, E = TileRegs<BR, BK, NT, T>::E;
-  if (op.vec) {
-    constexpr int CV = KC ? BK / V : BR / V;
+// Stores the tile fetch_tile staged to shared memory S, laid out k-major (S[k*LDS + r]) or
+// r-major (S[r*LDS + k]). A vector that runs along the smem row is one 16-byte shared store; the
+// WMMA kernel lays every tile out along its operand's contiguous dimension, so it has only those.
+// The FMA kernel's k-major tiles of k-contiguous operands take V scalar stores per vector (its
+// padding keeps them free of bank conflicts).
+template <int BR, int BK, int NT, bool SMEM_KMAJOR, int LDS, bool KC, typename T>
+__device__ __forceinline__ void store_tile(const TileRegs<BR, BK, NT, T>& t, T* __restrict__ S, int tid) {
+  constexpr int V = kVec<T>;
 #pragma unroll
-    for (int it = 0; it < E / V; ++it) {
-      const int i = tid + it * NT;
-      const int outer = i / CV, inner = (i % CV) * V;
-      const int r = KC ? outer : inner;
-      const int k = KC ? inner : outer;
-      T v[V];
+  for (int it = 0; it < TileRegs<BR, BK, NT, T>::NV; ++it) {
+    const TileVec<BR, BK, NT, KC, T> at(tid, it);
+    if constexpr (KC != SMEM_KMAJOR) {
+      *reinterpret_cast<uint4*>(SMEM_KMAJOR ? &S[at.k * LDS + at.r] : &S[at.r * LDS + at.k]) = t.v[it].u;
+    } else {
+      static_assert(SMEM_KMAJOR, "no r-major tile of a row-contiguous operand: it would take transposed stores");
 #pragma unroll
-      for (int j = 0; j < V; ++j) v[j] = t.v[it * V + j];
-      if constexpr (KC != SMEM_KMAJOR) {
-        store_vec<T, V>(SMEM_KMAJOR ? &S[k * LDS + r] : &S[r * LDS + k], v);
-      } else {
-#pragma unroll
-        for (int j = 0; j < V; ++j) {
-          if constexpr (SMEM_KMAJOR) {
-            S[(k + j) * LDS + r] = v[j];
-          } else {
-            S[(r + j) * LDS + k] = v[j];
-          }
-        }
-      }
-    }
-  } else {
-#pragma unroll 4
-    for (int it = 0; it < E; ++it) {
-      const int i = tid + it * NT;
-      const int r = KC ? i / BK : i % BR;
-      const int k = KC ? i % BK : i / BR;
-      T v[1];
-      op.template load<1>(r0 + r, k0 + k, v);
-      if constexpr (SMEM_KMAJOR) {
-        S[k * LDS + r] = v[0];
-      } else {
-        S[r * LDS + k] = v[0];
-      }
+      for (int j = 0; j < V; ++j) S[(at.k + j) * LDS + at.r] = t.v[it].v[j];
     }
   }
 }
@@ -331,7 +359,8 @@ struct StoreEpilogue {
 };
 
 // Split-K: block z of the grid writes its partial sums to slice z of an accumulation-type
-// workspace; splitk_reduce_kernel then adds the slices in order (deterministic, no atomics).
+// workspace; splitk_reduce_kernel then adds the slices in order (deterministic, no atomics) and
+// hands each full sum to the GEMM's own epilogue (bias, activation, dZ: not linear in the sum).
 template <typename Acc>
 struct SplitPartialEpilogue {
   Acc* __restrict__ ws;
@@ -345,16 +374,29 @@ struct SplitPartialEpilogue {
 
 constexpr int kReduceThreads = 256;
 
-template <typename T>
+template <typename T, class Epi>
 __global__ void __launch_bounds__(kReduceThreads)
-    splitk_reduce_kernel(const acc_t<T>* __restrict__ ws, int64_t splits, int64_t rows, int64_t cols,
-                         T* __restrict__ out, int64_t ldo) {
+    splitk_reduce_kernel(const acc_t<T>* __restrict__ ws, int64_t splits, int64_t rows, int64_t cols, Epi epi) {
   const int64_t total = rows * cols;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kReduceThreads;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * kReduceThreads + threadIdx.x; i < total; i += stride) {
     acc_t<T> s = ws[i];
     for (int64_t z = 1; z < splits; ++z) s += ws[z * total + i];
-    out[(i / cols) * ldo + i % cols] = Num<T>::from_acc(s);
+    epi(i / cols, i % cols, s);
+  }
+}
+
+// Calls the epilogue on a ROWS x COLS slab of accumulators staged in shared memory (`at(rr, cc)`
+// reads slab element (rr, cc), the output element (row0 + rr * row_step, n0 + cc)), the lanes of
+// a warp on consecutive columns: coalesced stores (and bias / dY reads).
+template <int ROWS, int COLS, int NT, class At, class Epi>
+__device__ __forceinline__ void epilogue_slab(const At& at, const Epi& e, int64_t row0, int row_step, int64_t n0,
+                                              int64_t M, int64_t N, int tid) {
+#pragma unroll 4
+  for (int idx = tid; idx < ROWS * COLS; idx += NT) {
+    const int rr = idx / COLS, cc = idx % COLS;
+    const int64_t r = row0 + static_cast<int64_t>(rr) * row_step, c = n0 + cc;
+    if (r < M && c < N) e(r, c, at(rr, cc));
   }
 }
 
@@ -378,6 +420,61 @@ using FmaF32Wide = FmaTile<float, 128, 128, 8, 8, 8, 4, 1>;
 using FmaF32Narrow = FmaTile<float, 64, 64, 16, 4, 4, 4, 2>;
 using FmaF64 = FmaTile<double, 64, 64, 8, 4, 4, 2, 2>;
 
+// The FMA kernel's shared memory: the k-major operand tiles, or (after the k loop) one slab of
+// the epilogue: row i of every thread's TM x TN block, (BM/TM) x BN accumulators. A thread's TN
+// accumulators are CH 16-byte chunks, each one 16-byte store (uint4: STS.128); slab_chunk swaps
+// the chunks of every other group of 4 threads (chunk q goes to q ^ ((q / 8) & (CH - 1))), so
+// the 8 lanes of a store phase hit 8 distinct bank quads instead of two lanes per quad, and a
+// warp's 32 consecutive columns (the read-back) still lie in one aligned group of chunks: both
+// sides free of bank conflicts.
+template <class Cfg>
+struct __align__(16) FmaSmem {
+  using T = typename Cfg::T;
+  using Acc = acc_t<T>;
+  static constexpr int EPC = 16 / static_cast<int>(sizeof(Acc));  // accumulators per chunk
+  static constexpr int CH = Cfg::TN / EPC;
+  static_assert(Cfg::TN % EPC == 0 && (CH == 1 || CH == 2 || CH == 4 || CH == 8), "whole 16-byte chunks per thread");
+  union {
+    struct {
+      T a[Cfg::BK * (Cfg::BM + Cfg::PAD)];
+      T b[Cfg::BK * (Cfg::BN + Cfg::PAD)];
+    } ab;
+    Acc slab[(Cfg::BM / Cfg::TM) * Cfg::BN];
+  };
+  static constexpr int slab_chunk(int q) { return q ^ ((q / 8) & (CH - 1)); }
+  static constexpr int slab_col(int c) { return slab_chunk(c / EPC) * EPC + c % EPC; }
+};
+
+// Takes the banks of `n` 4-byte words from `word` for one shared-memory phase; false on a conflict.
+constexpr bool take_banks(bool (&bank)[32], int word, int n) {
+  for (int w = 0; w < n; ++w) {
+    if (bank[(word + w) % 32]) return false;
+    bank[(word + w) % 32] = true;
+  }
+  return true;
+}
+
+// The slab accesses of gemm_fma_kernel, phase by phase (128 bytes: 8 lanes of a 16-byte store,
+// 32 or 16 lanes of a 4- or 8-byte load): no bank serves two lanes of a phase.
+template <class Cfg>
+constexpr bool slab_free_of_bank_conflicts() {
+  using S = FmaSmem<Cfg>;
+  constexpr int W = static_cast<int>(sizeof(typename S::Acc)) / 4, TX = Cfg::BN / Cfg::TN;
+  for (int h = 0; h < S::CH; ++h) {
+    for (int p0 = 0; p0 < Cfg::NT; p0 += 8) {  // thread t = ty * TX + tx stores its chunk h
+      bool bank[32] = {};
+      for (int t = p0; t < p0 + 8; ++t)
+        if (!take_banks(bank, ((t / TX) * Cfg::BN + S::slab_col((t % TX) * Cfg::TN + h * S::EPC)) * W, 4)) return false;
+    }
+  }
+  for (int c0 = 0; c0 < Cfg::BN; c0 += 32 / W) {  // a warp reads 32 consecutive columns of a row
+    bool bank[32] = {};
+    for (int c = c0; c < c0 + 32 / W; ++c)
+      if (!take_banks(bank, S::slab_col(c) * W, W)) return false;
+  }
+  return true;
+}
+
 template <class Cfg, class AOp, class BOp, class Epi>
 __global__ void __launch_bounds__(Cfg::NT, Cfg::MIN_BLOCKS)
     gemm_fma_kernel(AOp a, BOp b, Epi epi, int64_t M, int64_t N, int64_t red, int64_t n_base, int64_t split_len) {
@@ -385,8 +482,11 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MIN_BLOCKS)
   using T = typename Cfg::T;
   using Acc = acc_t<T>;
   constexpr int LDA = C::BM + C::PAD, LDB = C::BN + C::PAD;
-  FB_SHARED_ARRAY(T, As, C::BK * LDA);
-  FB_SHARED_ARRAY(T, Bs, C::BK * LDB);
+  using Smem = FmaSmem<Cfg>;
+  static_assert(slab_free_of_bank_conflicts<Cfg>(), "the epilogue slab's accesses conflict on shared-memory banks");
+  FB_SHARED_OBJECT(Smem, sm);
+  T* const As = sm.ab.a;
+  T* const Bs = sm.ab.b;
 
   const int tid = static_cast<int>(threadIdx.x);
   const int tx = tid % (C::BN / C::TN);
@@ -402,6 +502,8 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MIN_BLOCKS)
 
   const auto [k_begin, k_end, al, bl] = split_k_slice(a, b, split_len, red);
   const auto e = epi.for_split(blockIdx.z);
+  const bool row_sums = kRowSums<AOp> && blockIdx.y == 0 && n_base == 0;  // uniform over the block
+  Acc rs = Acc(0);
 
   TileRegs<C::BM, C::BK, C::NT, T> ta;
   TileRegs<C::BN, C::BK, C::NT, T> tb;
@@ -410,12 +512,15 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MIN_BLOCKS)
     fetch_tile(bl, tb, n0, k_begin, tid);
   }
   for (int64_t k0 = k_begin; k0 < k_end; k0 += C::BK) {
-    store_tile<C::BM, C::BK, C::NT, true, LDA>(al, ta, As, m0, k0, tid);
-    store_tile<C::BN, C::BK, C::NT, true, LDB>(bl, tb, Bs, n0, k0, tid);
+    store_tile<C::BM, C::BK, C::NT, true, LDA, AOp::kKContig>(ta, As, tid);
+    store_tile<C::BN, C::BK, C::NT, true, LDB, BOp::kKContig>(tb, Bs, tid);
     __syncthreads();
     if (k0 + C::BK < k_end) {  // next tile's global loads overlap this tile's FMAs
       fetch_tile(al, ta, m0, k0 + C::BK, tid);
       fetch_tile(bl, tb, n0, k0 + C::BK, tid);
+    }
+    if constexpr (kRowSums<AOp>) {
+      if (row_sums) add_row_sums<C::BM, C::BK, C::NT>(As, LDA, tid, rs);
     }
 #pragma unroll
     for (int kk = 0; kk < C::BK; ++kk) {
@@ -432,48 +537,82 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MIN_BLOCKS)
     __syncthreads();
   }
 
+  if constexpr (kRowSums<AOp>) {
+    if (row_sums) store_row_sums<C::BM, C::NT>(a, rs, m0, M, tid);
+  }
+  // Epilogue through shared memory, one register row at a time (the operand tiles are dead: last
+  // barrier above), so a warp's lanes store consecutive columns instead of columns TN apart.
+  constexpr int EPC = Smem::EPC, SR = C::BM / C::TM;
 #pragma unroll
   for (int i = 0; i < C::TM; ++i) {
-    const int64_t r = m0 + ty * C::TM + i;
+    if (i > 0) __syncthreads();  // the previous slab has been read
 #pragma unroll
-    for (int j = 0; j < C::TN; ++j) {
-      const int64_t c = n0 + tx * C::TN + j;
-      if (r < M && c < N) e(r, c, acc[i][j]);
+    for (int h = 0; h < Smem::CH; ++h) {
+      Vec16<Acc, EPC> v;
+#pragma unroll
+      for (int j = 0; j < EPC; ++j) v.v[j] = acc[i][h * EPC + j];
+      reinterpret_cast<uint4*>(sm.slab)[(ty * C::BN) / EPC + Smem::slab_chunk(tx * Smem::CH + h)] = v.u;
     }
+    __syncthreads();
+    epilogue_slab<SR, C::BN, C::NT>([&](int rr, int cc) { return sm.slab[rr * C::BN + Smem::slab_col(cc)]; }, e,
+                                    m0 + i, C::TM, n0, M, N, tid);
   }
 }
 
 // ------------------------------------------------------------------------------------------
 // Tensor-core tiled GEMM (float16, bfloat16) through nvcuda::wmma, fp32 accumulation.
 // Block tile 64 x 64 x 32, four warps in 2 x 2, each warp 32 x 32 = 2 x 2 fragments of 16x16.
+// Each operand tile sits in shared memory as it lies in global memory (WmmaTile), so the tile
+// stores are 16-byte vectors and the fragments' layout absorbs the transpose (ldmatrix.trans).
 // The accumulators go through shared memory (aliasing the operand tiles) to the epilogue.
 // ------------------------------------------------------------------------------------------
 struct WmmaConfig {
-  static constexpr int BM = 64, BN = 64, BK = 32, WM = 32, WN = 32, PAD = 8, CPAD = 4;
+  static constexpr int BM = 64, BN = 64, BK = 32, WM = 32, WN = 32, PAD = 8, CPAD = 8;
   static constexpr int WARPS_M = BM / WM, WARPS_N = BN / WN;
   static constexpr int NT = WARPS_M * WARPS_N * 32;  // 128
-  static constexpr int LDS = BK + PAD;               // halves; rows stay 16-byte aligned
-  static constexpr int LDC = BN + CPAD;              // floats
+  // floats; store_matrix_sync writes an accumulator as 64-bit stores, lane l at row l/4 and
+  // columns 2(l%4), +1: a row stride of 8 banks (mod 32) puts the 4 rows of a 16-lane phase on
+  // distinct banks (BN + 4 would overlap rows g and g+1 on 4 banks: 2-way conflicts).
+  static constexpr int LDC = BN + CPAD;
 };
 
-template <typename T>
+// The shared tile of a BR x BK operand: r-major [BR][BK + PAD] when the operand is contiguous
+// along k, k-major [BK][BR + PAD] when along r. PAD keeps rows 16-byte aligned and puts the 8
+// rows of an ldmatrix phase on distinct banks. A (m, k) and B (k, n) fragments read it as
+// row_major / col_major (r-major) or col_major / row_major (k-major).
+template <int BR, bool KC>
+struct WmmaTile {
+  static constexpr int BK = WmmaConfig::BK, PAD = WmmaConfig::PAD;
+  static constexpr int ld = KC ? BK + PAD : BR + PAD;
+  static constexpr int size = KC ? BR * ld : BK * ld;
+  using a_layout = std::conditional_t<KC, nvcuda::wmma::row_major, nvcuda::wmma::col_major>;
+  using b_layout = std::conditional_t<KC, nvcuda::wmma::col_major, nvcuda::wmma::row_major>;
+  static __device__ __forceinline__ int at(int r, int k) { return KC ? r * ld + k : k * ld + r; }
+};
+
+template <typename T, class TA, class TB>
 struct __align__(32) WmmaSmem {
   union {
     struct {
-      T a[WmmaConfig::BM * WmmaConfig::LDS];
-      T b[WmmaConfig::BN * WmmaConfig::LDS];
+      T a[TA::size];
+      T b[TB::size];
     } ab;
     float c[WmmaConfig::BM * WmmaConfig::LDC];
   };
 };
 
+// At least 4 blocks (16 warps) per SM, so at most 128 registers: without the bound ptxas aims at
+// 96 and spills the fallback path's staged element loads under gelu's act'.
 template <typename T, class AOp, class BOp, class Epi>
-__global__ void __launch_bounds__(WmmaConfig::NT)
+__global__ void __launch_bounds__(WmmaConfig::NT, 4)
     gemm_wmma_kernel(AOp a, BOp b, Epi epi, int64_t M, int64_t N, int64_t red, int64_t n_base, int64_t split_len) {
   using namespace nvcuda;
   using C = WmmaConfig;
+  using TA = WmmaTile<C::BM, AOp::kKContig>;
+  using TB = WmmaTile<C::BN, BOp::kKContig>;
+  using Smem = WmmaSmem<T, TA, TB>;
   constexpr int FM = C::WM / 16, FN = C::WN / 16;
-  FB_SHARED_OBJECT(WmmaSmem<T>, sm);
+  FB_SHARED_OBJECT(Smem, sm);
 
   const int tid = static_cast<int>(threadIdx.x);
   const int warp = tid / 32;
@@ -490,6 +629,9 @@ __global__ void __launch_bounds__(WmmaConfig::NT)
 
   const auto [k_begin, k_end, al, bl] = split_k_slice(a, b, split_len, red);
   const auto e = epi.for_split(blockIdx.z);
+  static_assert(!kRowSums<AOp> || !AOp::kKContig, "row sums read a k-major A tile");
+  const bool row_sums = kRowSums<AOp> && blockIdx.y == 0 && n_base == 0;  // uniform over the block
+  float rs = 0.0f;
 
   TileRegs<C::BM, C::BK, C::NT, T> ta;
   TileRegs<C::BN, C::BK, C::NT, T> tb;
@@ -498,23 +640,24 @@ __global__ void __launch_bounds__(WmmaConfig::NT)
     fetch_tile(bl, tb, n0, k_begin, tid);
   }
   for (int64_t k0 = k_begin; k0 < k_end; k0 += C::BK) {
-    store_tile<C::BM, C::BK, C::NT, false, C::LDS>(al, ta, sm.ab.a, m0, k0, tid);
-    store_tile<C::BN, C::BK, C::NT, false, C::LDS>(bl, tb, sm.ab.b, n0, k0, tid);
+    store_tile<C::BM, C::BK, C::NT, !AOp::kKContig, TA::ld, AOp::kKContig>(ta, sm.ab.a, tid);
+    store_tile<C::BN, C::BK, C::NT, !BOp::kKContig, TB::ld, BOp::kKContig>(tb, sm.ab.b, tid);
     __syncthreads();
     if (k0 + C::BK < k_end) {  // next tile's global loads overlap this tile's MMAs
       fetch_tile(al, ta, m0, k0 + C::BK, tid);
       fetch_tile(bl, tb, n0, k0 + C::BK, tid);
     }
+    if constexpr (kRowSums<AOp>) {
+      if (row_sums) add_row_sums<C::BM, C::BK, C::NT>(sm.ab.a, TA::ld, tid, rs);
+    }
 #pragma unroll
     for (int kk = 0; kk < C::BK; kk += 16) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa[FM];
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb[FN];
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, typename TA::a_layout> fa[FM];
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, typename TB::b_layout> fb[FN];
 #pragma unroll
-      for (int i = 0; i < FM; ++i)
-        wmma::load_matrix_sync(fa[i], &sm.ab.a[(wm * C::WM + i * 16) * C::LDS + kk], C::LDS);
+      for (int i = 0; i < FM; ++i) wmma::load_matrix_sync(fa[i], &sm.ab.a[TA::at(wm * C::WM + i * 16, kk)], TA::ld);
 #pragma unroll
-      for (int j = 0; j < FN; ++j)
-        wmma::load_matrix_sync(fb[j], &sm.ab.b[(wn * C::WN + j * 16) * C::LDS + kk], C::LDS);
+      for (int j = 0; j < FN; ++j) wmma::load_matrix_sync(fb[j], &sm.ab.b[TB::at(wn * C::WN + j * 16, kk)], TB::ld);
 #pragma unroll
       for (int i = 0; i < FM; ++i)
 #pragma unroll
@@ -523,6 +666,9 @@ __global__ void __launch_bounds__(WmmaConfig::NT)
     __syncthreads();
   }
 
+  if constexpr (kRowSums<AOp>) {
+    if (row_sums) store_row_sums<C::BM, C::NT>(a, rs, m0, M, tid);
+  }
   // The operand tiles are dead (last barrier above): reuse their space for the accumulators.
 #pragma unroll
   for (int i = 0; i < FM; ++i)
@@ -531,12 +677,7 @@ __global__ void __launch_bounds__(WmmaConfig::NT)
       wmma::store_matrix_sync(&sm.c[(wm * C::WM + i * 16) * C::LDC + wn * C::WN + j * 16], fc[i][j], C::LDC,
                               wmma::mem_row_major);
   __syncthreads();
-#pragma unroll 4
-  for (int idx = tid; idx < C::BM * C::BN; idx += C::NT) {
-    const int rr = idx / C::BN, cc = idx % C::BN;
-    const int64_t r = m0 + rr, c = n0 + cc;
-    if (r < M && c < N) e(r, c, sm.c[rr * C::LDC + cc]);
-  }
+  epilogue_slab<C::BM, C::BN, C::NT>([&](int rr, int cc) { return sm.c[rr * C::LDC + cc]; }, e, m0, 1, n0, M, N, tid);
 }
 
 // ------------------------------------------------------------------------------------------
@@ -686,11 +827,12 @@ void run_gemm(const AOp& a, const BOp& b, const Epi& epi, int64_t M, int64_t N, 
   }
 }
 
-// Split-K plan for a GEMM with only a StoreEpilogue (dX, dW): when the output has too few
-// tiles to fill the GPU and the reduction is long (dW of a tall-skinny layer: a small N x K
-// output reduced over all M rows), the reduction is cut into `splits` chunks of `split_len`
-// (a multiple of BK, at least kSplitMinSteps k-steps). Depends on the shape only, so results
-// are reproducible on any GPU.
+// Split-K plan of every GEMM (forward, recompute dZ, dX, dW): when the output has too few tiles
+// to fill the GPU and the reduction is long (dW of a tall-skinny layer: a small N x K output
+// reduced over all M rows; the forward of a short batch through a wide layer), the reduction is
+// cut into `splits` chunks of `split_len` (a multiple of BK, at least kSplitMinSteps k-steps).
+// A pure function of the shape, so results are reproducible on any GPU; the target of two waves
+// of 132 SMs (H100) also fills 108 (A100) to >= 75% in every wave but the partial last one.
 constexpr int64_t kSplitTargetBlocks = 264;  // two waves of 132 SMs
 constexpr int64_t kSplitMaxSplits = 256;
 constexpr int64_t kSplitMinSteps = 4;
@@ -722,9 +864,10 @@ size_t split_workspace_bytes(int64_t rows, int64_t cols, int64_t red) {
   return p.splits > 1 ? static_cast<size_t>(p.splits * rows * cols) * sizeof(acc_t<T>) : 0;
 }
 
-// out[rows, cols] = A . B^T with a plain store, split over the reduction when that helps.
-template <typename T, class AOp, class BOp>
-void run_store_gemm(const AOp& a, const BOp& b, T* out, int64_t ldo, int64_t rows, int64_t cols, int64_t red,
+// epi(A . B^T) for a rows x cols output, split over the reduction when that helps: the splits'
+// partial sums are added before the epilogue (split_ws: split_workspace_bytes<T>(rows, cols, red)).
+template <typename T, class AOp, class BOp, class Epi>
+void run_split_gemm(const AOp& a, const BOp& b, const Epi& epi, int64_t rows, int64_t cols, int64_t red,
                     void* split_ws, cudaStream_t stream, LaunchCheck check) {
   if (rows == 0 || cols == 0) return;
   bool split = false;
@@ -733,7 +876,7 @@ void run_store_gemm(const AOp& a, const BOp& b, T* out, int64_t ldo, int64_t row
     const SplitPlan p = split_plan<Cfg>(rows, cols, red);
     splits = p.splits;
     if (p.splits <= 1) {
-      run_gemm<T, Cfg>(a, b, StoreEpilogue<T>{out, ldo}, rows, cols, red, stream, check);
+      run_gemm<T, Cfg>(a, b, epi, rows, cols, red, stream, check);
       return;
     }
     split = true;
@@ -745,9 +888,9 @@ void run_store_gemm(const AOp& a, const BOp& b, T* out, int64_t ldo, int64_t row
   const int64_t total = rows * cols;
   int64_t blocks = ceil_div(total, kReduceThreads);
   blocks = blocks < 4096 ? blocks : 4096;
-  auto* kernel = &splitk_reduce_kernel<T>;
+  auto* kernel = &splitk_reduce_kernel<T, Epi>;
   FB_LAUNCH(kernel, dim3(static_cast<unsigned>(blocks)), dim3(kReduceThreads), stream,
-            static_cast<const acc_t<T>*>(ws), splits, rows, cols, out, ldo);
+            static_cast<const acc_t<T>*>(ws), splits, rows, cols, epi);
   check();
 }
 
@@ -773,24 +916,46 @@ void run_bias_grad(const Elem& dz, int64_t M, int64_t N, acc_t<T>* partial, T* d
 
 inline size_t align_up(size_t v) { return (v + 255) / 256 * 256; }
 
-// dX and dW from a dZ operand pair (the same dZ read as k-contiguous for dX, row-contiguous for dW).
-template <typename T, class DzK, class DzR>
-void run_input_weight_grads(const BwdProblem<T>& p, const DzK& dz_k, const DzR& dz_r, void* split_ws,
-                            cudaStream_t stream, LaunchCheck check) {
+// The db partials the dW GEMM writes when db is folded into it: P per split of its plan.
+template <typename T>
+int64_t db_fold_parts(int64_t N, int64_t K, int64_t M) {
+  return with_gemm_config<T>(N, K, [&]<class Cfg>() {
+    return kRowSumParts<Cfg::BM, Cfg::NT> * split_plan<Cfg>(N, K, M).splits;
+  });
+}
+
+// dX, dW and db from a dZ operand pair (the same dZ read as k-contiguous for dX, row-contiguous
+// for dW); db is folded into dW when both are wanted (db_partial: the partials' workspace),
+// else reduced from `db_elem` by the db kernels.
+template <typename T, class DzK, class DzR, class DbElem>
+void run_dz_grads(const BwdProblem<T>& p, const DzK& dz_k, const DzR& dz_r, const DbElem& db_elem,
+                  acc_t<T>* db_partial, void* split_ws, cudaStream_t stream, LaunchCheck check) {
   if (p.dx != nullptr) {
     // dX[M,K] = dZ[M,N] . W[N,K]: B(k, n) = W[n, k] is contiguous along its rows.
     const PlainOperand<T, false> w{p.w, p.ldw, p.K, p.N, vec_ok(p.w, p.ldw, p.K)};
-    run_store_gemm<T>(dz_k, w, p.dx, p.lddx, p.M, p.K, p.N, split_ws, stream, check);
+    run_split_gemm<T>(dz_k, w, StoreEpilogue<T>{p.dx, p.lddx}, p.M, p.K, p.N, split_ws, stream, check);
   }
   if (p.dw != nullptr) {
     // dW[N,K] = dZ^T[N,M] . x[M,K]: B(k, m) = x[m, k] is contiguous along its rows.
     const PlainOperand<T, false> x{p.x, p.ldx, p.K, p.M, vec_ok(p.x, p.ldx, p.K)};
-    run_store_gemm<T>(dz_r, x, p.dw, p.lddw, p.N, p.K, p.M, split_ws, stream, check);
+    const StoreEpilogue<T> out{p.dw, p.lddw};
+    if (p.db == nullptr) {
+      run_split_gemm<T>(dz_r, x, out, p.N, p.K, p.M, split_ws, stream, check);
+      return;
+    }
+    run_split_gemm<T>(RowSumOperand<T, DzR>{dz_r, db_partial}, x, out, p.N, p.K, p.M, split_ws, stream, check);
+    const int64_t parts = db_fold_parts<T>(p.N, p.K, p.M);
+    auto* kernel = &db_finalize_kernel<T>;
+    FB_LAUNCH(kernel, dim3(static_cast<unsigned>(ceil_div(p.N, kDbFinalColsPerBlock))), dim3(kDbFinalThreads), stream,
+              static_cast<const acc_t<T>*>(db_partial), parts, p.N, p.db);
+    check();
+    return;
   }
+  if (p.db != nullptr) run_bias_grad<T>(db_elem, p.M, p.N, db_partial, p.db, stream, check);
 }
 
-// Workspace layout: [dZ (recompute)] [db partials] [split-K slices (shared by dX and dW,
-// which run one after the other on the stream)], each 256-byte aligned.
+// Workspace layout: [dZ (recompute)] [db partials] [split-K slices (shared by the recompute
+// GEMM, dX and dW, which run one after the other on the stream)], each 256-byte aligned.
 struct BwdWorkspace {
   size_t dz = 0, db = 0, split = 0;
   size_t dz_off = 0, db_off = 0, split_off = 0, total = 0;
@@ -802,10 +967,15 @@ BwdWorkspace bwd_workspace(int64_t M, int64_t N, int64_t K, bool recompute, bool
   BwdWorkspace w;
   if (M == 0 || N == 0) return w;
   if (recompute) w.dz = static_cast<size_t>(M) * static_cast<size_t>(N) * sizeof(T);
-  if (need_db) w.db = static_cast<size_t>(db_row_blocks(M)) * static_cast<size_t>(N) * sizeof(acc_t<T>);
+  if (need_db) {
+    const int64_t parts = need_dw ? db_fold_parts<T>(N, K, M) : db_row_blocks(M);
+    w.db = static_cast<size_t>(parts) * static_cast<size_t>(N) * sizeof(acc_t<T>);
+  }
   const size_t sx = need_dx ? split_workspace_bytes<T>(M, K, N) : 0;
   const size_t sw = need_dw ? split_workspace_bytes<T>(N, K, M) : 0;
+  const size_t sz = recompute ? split_workspace_bytes<T>(M, N, K) : 0;
   w.split = sx > sw ? sx : sw;
+  w.split = w.split > sz ? w.split : sz;
   w.dz_off = 0;
   w.db_off = align_up(w.dz);
   w.split_off = w.db_off + align_up(w.db);
@@ -821,16 +991,19 @@ size_t bwd_workspace_bytes(int64_t M, int64_t N, int64_t K, bool recompute, bool
   return detail::bwd_workspace<T>(M, N, K, recompute, need_dx, need_dw, need_db).total;
 }
 
+template <typename T>
+size_t fwd_workspace_bytes(int64_t M, int64_t N, int64_t K) {
+  return M == 0 || N == 0 ? 0 : detail::split_workspace_bytes<T>(M, N, K);
+}
+
 template <typename T, Activation A>
 void launch_forward(const FwdProblem<T>& p, cudaStream_t stream, LaunchCheck check) {
   using namespace detail;
   if (p.M == 0 || p.N == 0) return;
   const PlainOperand<T, true> x{p.x, p.ldx, p.M, p.K, vec_ok(p.x, p.ldx, p.K)};
   const PlainOperand<T, true> w{p.w, p.ldw, p.N, p.K, vec_ok(p.w, p.ldw, p.K)};
-  with_gemm_config<T>(p.M, p.N, [&]<class Cfg>() {
-    run_gemm<T, Cfg>(x, w, ForwardEpilogue<T, A>{p.out, p.ldo, p.preact, p.ldp, p.bias, p.a}, p.M, p.N, p.K, stream,
-                     check);
-  });
+  run_split_gemm<T>(x, w, ForwardEpilogue<T, A>{p.out, p.ldo, p.preact, p.ldp, p.bias, p.a}, p.M, p.N, p.K,
+                    p.workspace, stream, check);
 }
 
 template <typename T, Activation A>
@@ -848,11 +1021,8 @@ void launch_backward(const BwdProblem<T>& p, cudaStream_t stream, LaunchCheck ch
     const bool v = vec_ok(p.dy, p.lddy, p.N) && vec_ok(p.saved, p.lds, p.N);
     const DzFromSavedOperand<T, A, true> dz_k{p.dy, p.lddy, p.saved, p.lds, p.M, p.N, v, p.a};
     const DzFromSavedOperand<T, A, false> dz_r{p.dy, p.lddy, p.saved, p.lds, p.N, p.M, v, p.a};
-    run_input_weight_grads<T>(p, dz_k, dz_r, split_ws, stream, check);
-    if (p.db != nullptr) {
-      run_bias_grad<T>(DzFromSavedElem<T, A>{p.dy, p.lddy, p.saved, p.lds, p.a}, p.M, p.N, db_partial, p.db, stream,
-                       check);
-    }
+    run_dz_grads<T>(p, dz_k, dz_r, DzFromSavedElem<T, A>{p.dy, p.lddy, p.saved, p.lds, p.a}, db_partial, split_ws,
+                    stream, check);
     return;
   }
   // Recompute: one GEMM recomputes Z = x W^T + b and writes dZ; the rest reads dZ.
@@ -860,16 +1030,13 @@ void launch_backward(const BwdProblem<T>& p, cudaStream_t stream, LaunchCheck ch
   {
     const PlainOperand<T, true> x{p.x, p.ldx, p.M, p.K, vec_ok(p.x, p.ldx, p.K)};
     const PlainOperand<T, true> w{p.w, p.ldw, p.N, p.K, vec_ok(p.w, p.ldw, p.K)};
-    with_gemm_config<T>(p.M, p.N, [&]<class Cfg>() {
-      run_gemm<T, Cfg>(x, w, RecomputeDzEpilogue<T, A>{dz, p.N, p.dy, p.lddy, p.bias, p.a}, p.M, p.N, p.K, stream,
-                       check);
-    });
+    run_split_gemm<T>(x, w, RecomputeDzEpilogue<T, A>{dz, p.N, p.dy, p.lddy, p.bias, p.a}, p.M, p.N, p.K, split_ws,
+                      stream, check);
   }
   const bool v = vec_ok(static_cast<const T*>(dz), p.N, p.N);
   const PlainOperand<T, true> dz_k{dz, p.N, p.M, p.N, v};
   const PlainOperand<T, false> dz_r{dz, p.N, p.N, p.M, v};
-  run_input_weight_grads<T>(p, dz_k, dz_r, split_ws, stream, check);
-  if (p.db != nullptr) run_bias_grad<T>(PlainElem<T>{dz, p.N}, p.M, p.N, db_partial, p.db, stream, check);
+  run_dz_grads<T>(p, dz_k, dz_r, PlainElem<T>{dz, p.N}, db_partial, split_ws, stream, check);
 }
 
 }  // namespace fused_backprop::cuda

@@ -59,7 +59,8 @@ struct FwdProblem {
   T* preact;  // may be nullptr
   int64_t ldp;
   int64_t M, N, K;
-  acc_t<T> a;  // the activation's parameter
+  void* workspace;  // fwd_workspace_bytes<T>(M, N, K) bytes, 256-byte aligned (split-K partial sums)
+  acc_t<T> a;       // the activation's parameter
 };
 
 // Backward of y = act(x W^T + b).
@@ -70,7 +71,8 @@ struct FwdProblem {
 //   saved == nullptr (recompute): Z = x W^T + b is recomputed by a GEMM whose epilogue writes
 //   dZ = dY * act'(Z) to the workspace; the GEMMs below then read that dZ.
 // dx (M, K), dw (N, K), db (N): nullptr when not requested. db is reduced deterministically:
-// per-block column partials (fixed row blocks) then a second, fixed-order stage; no atomics.
+// per-block column partials (fixed row blocks; with dw, by the dW GEMM from the dZ tiles it
+// loads anyway) then a second, fixed-order stage; no atomics.
 template <typename T>
 struct BwdProblem {
   const T* dy;
@@ -98,6 +100,11 @@ struct BwdProblem {
 template <typename T>
 size_t bwd_workspace_bytes(int64_t M, int64_t N, int64_t K, bool recompute, bool need_dx, bool need_dw,
                            bool need_db);
+
+// Bytes of scratch the forward needs (0 when none): the split-K partial sums when the output is
+// too small to fill the GPU.
+template <typename T>
+size_t fwd_workspace_bytes(int64_t M, int64_t N, int64_t K);
 
 template <typename T, Activation A>
 void launch_forward(const FwdProblem<T>& p, cudaStream_t stream, LaunchCheck check);

@@ -74,6 +74,9 @@ at::Tensor forward_into(const at::Tensor& x, const at::Tensor& weight, const std
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream(x.device().index()).stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "linear_act_fwd_cuda", [&] {
     using CT = typename CudaType<scalar_t>::type;
+    const size_t ws_bytes = cuda::fwd_workspace_bytes<CT>(M, N, K);
+    at::Tensor ws;  // split-K scratch from the caching allocator (stream-ordered, 256-byte aligned)
+    if (ws_bytes > 0) ws = at::empty({static_cast<int64_t>(ws_bytes)}, x.options().dtype(at::kByte));
     const cuda::FwdProblem<CT> p{cptr<CT>(xr),
                                  leading_dim(xr),
                                  cptr<CT>(wr),
@@ -86,6 +89,7 @@ at::Tensor forward_into(const at::Tensor& x, const at::Tensor& weight, const std
                                  M,
                                  N,
                                  K,
+                                 ws.defined() ? ws.mutable_data_ptr() : nullptr,
                                  static_cast<cuda::acc_t<CT>>(negative_slope)};
     dispatch_activation(act, [&]<Activation A>() { cuda::launch_forward<CT, A>(p, stream, launch_check); });
   });

@@ -7,6 +7,7 @@
 //                [--slope A] [--bias 0|1] [--mask 111] [--pad P] [--misalign 0|1] [--seed S]
 //                M,K,N [M,K,N ...]
 //   harness_main --list               (the activations, one per line)
+//   harness_main --dtype D --plan M,K,N ...   (the split-K plans of the layer's GEMMs)
 //   harness_main --selftest NAME      (harness self-tests; see run_selftest)
 //
 // --act: any name of csrc/activations.def. --slope A: the activation's parameter (leaky relu's
@@ -93,8 +94,27 @@ struct Options {
   int64_t pad = 0;
   bool misalign = false;
   uint64_t seed = 0;
+  bool plan = false;
   std::vector<std::array<int64_t, 3>> shapes;
 };
+
+// The split-K plans of a layer's GEMMs, one line each: "gemm rows cols red tiles splits split_len BK"
+// (fwd: also the recompute dZ GEMM, same shape).
+template <typename T>
+void print_plans(int64_t M, int64_t K, int64_t N) {
+  const struct {
+    const char* what;
+    int64_t rows, cols, red;
+  } gemms[] = {{"fwd", M, N, K}, {"dx", M, K, N}, {"dw", N, K, M}};
+  for (const auto& g : gemms) {
+    fbc::detail::with_gemm_config<T>(g.rows, g.cols, [&]<class Cfg>() {
+      const fbc::detail::SplitPlan p = fbc::detail::split_plan<Cfg>(g.rows, g.cols, g.red);
+      const int64_t tiles = fbc::detail::ceil_div(g.rows, Cfg::BM) * fbc::detail::ceil_div(g.cols, Cfg::BN);
+      std::printf("%s %" PRId64 " %" PRId64 " %" PRId64 " %" PRId64 " %" PRId64 " %" PRId64 " %d\n", g.what, g.rows,
+                  g.cols, g.red, tiles, p.splits, p.split_len, Cfg::BK);
+    });
+  }
+}
 
 template <typename T>
 double to_d(T v) {
@@ -192,6 +212,22 @@ bool same_bits(const Mat<T>& a, const Mat<T>& b) {
   return true;
 }
 
+// Launcher scratch as the glue gets it (256-byte aligned), filled with 0xff bytes (NaN) so a read
+// of a slot nobody wrote shows up in the result.
+struct Workspace {
+  void* p = nullptr;
+  explicit Workspace(size_t bytes) {
+    if (bytes == 0) return;
+    p = ::operator new(bytes, std::align_val_t(256));
+    std::memset(p, 0xff, bytes);
+  }
+  ~Workspace() {
+    if (p) ::operator delete(p, std::align_val_t(256));
+  }
+  Workspace(const Workspace&) = delete;
+  Workspace& operator=(const Workspace&) = delete;
+};
+
 template <typename T, Activation A>
 bool run_case(const Options& o, const RefAct& ref, int64_t M, int64_t K, int64_t N) {
   // the parameter as the kernels get it (rounded to the accumulation type), for both sides
@@ -219,7 +255,9 @@ bool run_case(const Options& o, const RefAct& ref, int64_t M, int64_t K, int64_t
   if (o.mode == "fwd" || o.mode == "fwd_preact") {
     const bool keep = o.mode == "fwd_preact";
     Mat<T> out(M, N, o.pad, o.misalign), zt(M, N, o.pad, o.misalign);
-    fbc::FwdProblem<T> p{x.p, x.ld, w.p, w.ld, bias, out.p, out.ld, keep ? zt.p : nullptr, zt.ld, M, N, K, a_acc};
+    Workspace ws(fbc::fwd_workspace_bytes<T>(M, N, K));
+    fbc::FwdProblem<T> p{x.p, x.ld, w.p, w.ld, bias, out.p, out.ld, keep ? zt.p : nullptr, zt.ld, M, N, K,
+                         ws.p, a_acc};
     fbc::launch_forward<T, A>(p, nullptr, no_check);
     ok &= compare("y", out, y, N);
     if (keep) {
@@ -268,9 +306,7 @@ bool run_case(const Options& o, const RefAct& ref, int64_t M, int64_t K, int64_t
 
   const bool want_dx = o.mask[0], want_dw = o.mask[1], want_db = o.mask[2] && o.bias;
   Mat<T> gx(M, K, o.pad, o.misalign), gw(N, K, o.pad, o.misalign), gb(1, N, 0, o.misalign);
-  const size_t ws_bytes = fbc::bwd_workspace_bytes<T>(M, N, K, recompute, want_dx, want_dw, want_db);
-  void* ws = ws_bytes ? ::operator new(ws_bytes, std::align_val_t(256)) : nullptr;
-  if (ws) std::memset(ws, 0xff, ws_bytes);
+  Workspace ws(fbc::bwd_workspace_bytes<T>(M, N, K, recompute, want_dx, want_dw, want_db));
   const fbc::BwdProblem<T> p{dy.p,
                              dy.ld,
                              x.p,
@@ -288,10 +324,9 @@ bool run_case(const Options& o, const RefAct& ref, int64_t M, int64_t K, int64_t
                              M,
                              N,
                              K,
-                             ws,
+                             ws.p,
                              a_acc};
   fbc::launch_backward<T, A>(p, nullptr, no_check);
-  if (ws) ::operator delete(ws, std::align_val_t(256));
 
   if (M == 0 || N == 0) {
     // the launcher returns before any launch; the glue fills these cases
@@ -406,6 +441,44 @@ __global__ void missing_sync_kernel(float* out) {
   out[threadIdx.x] = s[(threadIdx.x + 1) % 64];
 }
 
+// Which output element each thread's epilogue calls write, in call order.
+using CallLog = std::vector<std::vector<std::pair<int64_t, int64_t>>>;
+template <typename Acc>
+struct LaneLogEpilogue {
+  CallLog* log;
+  void operator()(int64_t r, int64_t c, Acc) const { (*log)[threadIdx.x].emplace_back(r, c); }
+  const LaneLogEpilogue& for_split(unsigned) const { return *this; }
+};
+
+// One full block tile of GEMM configuration Cfg: the i-th epilogue call of the 32 lanes of every
+// warp must write 32 consecutive columns of one row (coalesced global stores).
+template <typename T, class Cfg>
+bool epilogue_lanes_consecutive(const char* what) {
+  const int64_t M = Cfg::BM, N = Cfg::BN, K = 2 * Cfg::BK;
+  std::vector<T> a(M * K, fbc::Num<T>::from_acc(0)), b(N * K, fbc::Num<T>::from_acc(0));
+  const fbc::PlainOperand<T, true> x{a.data(), K, M, K, true}, w{b.data(), K, N, K, true};
+  CallLog log(Cfg::NT);
+  fbc::detail::run_gemm<T, Cfg>(x, w, LaneLogEpilogue<fbc::acc_t<T>>{&log}, M, N, K, nullptr, no_check);
+  size_t calls = 0;
+  for (int t = 0; t < Cfg::NT; ++t) calls += log[t].size();
+  bool ok = calls == static_cast<size_t>(M * N);
+  for (int w0 = 0; ok && w0 < Cfg::NT; w0 += 32) {
+    for (size_t i = 0; ok && i < log[w0].size(); ++i) {
+      for (int l = 0; ok && l < 32; ++l) {
+        ok = log[w0 + l].size() == log[w0].size() && log[w0 + l][i].first == log[w0][i].first &&
+             log[w0 + l][i].second == log[w0][i].second + l;
+        if (!ok)
+          std::printf("%s: call %zu of warp %d: lane 0 writes (%" PRId64 ", %" PRId64 "), lane %d (%" PRId64
+                      ", %" PRId64 ")\n", what, i, w0 / 32, log[w0][i].first, log[w0][i].second, l,
+                      log[w0 + l].empty() ? -1 : log[w0 + l][i % log[w0 + l].size()].first,
+                      log[w0 + l].empty() ? -1 : log[w0 + l][i % log[w0 + l].size()].second);
+      }
+    }
+  }
+  std::printf("epilogue lanes %s: %s\n", what, ok ? "consecutive" : "NOT consecutive");
+  return ok;
+}
+
 int run_selftest(const std::string& name) {
   if (name == "schedule") {
     // deterministic for a seed, shuffled between barriers, different across seeds
@@ -444,6 +517,15 @@ int run_selftest(const std::string& name) {
       ok &= sums[t] == 496 + 5 * 1000 + (lane == 0 ? 0 : lane - 1) * 100000;
     }
     std::printf("votes/shuffles/atomics %s\n", ok ? "ok" : "WRONG");
+    return ok ? 0 : 1;
+  }
+  if (name == "epilogue-lanes") {
+    bool ok = epilogue_lanes_consecutive<float, fbc::FmaF32Wide>("f32 wide");
+    ok &= epilogue_lanes_consecutive<float, fbc::FmaF32Narrow>("f32 narrow");
+#ifndef HARNESS_ONLY_F32
+    ok &= epilogue_lanes_consecutive<double, fbc::FmaF64>("f64");
+    ok &= epilogue_lanes_consecutive<__half, fbc::WmmaConfig>("f16 wmma");
+#endif
     return ok ? 0 : 1;
   }
   if (name == "missing-sync") {
@@ -495,6 +577,7 @@ int main(int argc, char** argv) {
     else if (a == "--bias") o.bias = next() != "0";
     else if (a == "--pad") o.pad = std::stoll(next());
     else if (a == "--misalign") o.misalign = next() != "0";
+    else if (a == "--plan") o.plan = true;
     else if (a == "--seed") {
       o.seed = std::stoull(next());
       cuda_host::set_seed(o.seed + 1);
@@ -508,6 +591,18 @@ int main(int argc, char** argv) {
         return std::fprintf(stderr, "bad argument %s (want M,K,N)\n", a.c_str()), 2;
       o.shapes.push_back(s);
     }
+  }
+  if (o.plan) {
+    for (const auto& s : o.shapes) {
+      if (o.dtype == "f32") print_plans<float>(s[0], s[1], s[2]);
+#ifndef HARNESS_ONLY_F32
+      else if (o.dtype == "f64") print_plans<double>(s[0], s[1], s[2]);
+      else if (o.dtype == "f16") print_plans<__half>(s[0], s[1], s[2]);
+      else if (o.dtype == "bf16") print_plans<__nv_bfloat16>(s[0], s[1], s[2]);
+#endif
+      else return std::fprintf(stderr, "bad --dtype %s\n", o.dtype.c_str()), 2;
+    }
+    return 0;
   }
   if (!resolve(o)) return 2;
   std::printf("%s %s %s slope=%g bias=%d mask=%d%d%d pad=%" PRId64 " misalign=%d\n", o.dtype.c_str(),
