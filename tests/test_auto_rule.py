@@ -22,8 +22,11 @@ def test_choose_follows_the_table():
     assert auto_rule.choose("forward", torch.float16, 64, 1024) == "cuda"  # K·N = 256²
     assert auto_rule.choose("forward", torch.float64, 64, 64) == "cuda"
     assert auto_rule.choose("forward", torch.float64, 256, 256) == "torch"
-    for dtype in auto_rule.FORWARD_FUSED_UP_TO:
-        assert auto_rule.choose("backward", dtype, 64, 64) == "torch"
+    assert auto_rule.choose("backward", torch.float32, 256, 256) == "cuda"
+    assert auto_rule.choose("backward", torch.float16, 256, 256) == "torch"
+    for dtype in auto_rule.FUSED_UP_TO:
+        assert auto_rule.choose("backward", dtype, 64, 64) == "cuda"
+        assert auto_rule.choose("backward", dtype, 1024, 1024) == "torch"
 
 
 def _recording_backend(name, calls):
@@ -40,8 +43,9 @@ def test_cuda_auto_runs_the_chosen_backend():
     w_narrow, w_wide = torch.empty(64, 64), torch.empty(1024, 1024)
     assert auto.forward(narrow, w_narrow, None, "relu", 0.0) == "cuda"
     assert auto.forward_preact(wide, w_wide, None, "gelu", 0.0) == "torch"
-    assert auto.backward(narrow, narrow, w_narrow, None, narrow, "relu", (True, True, False), 0.0) == "torch"
-    assert calls == [("cuda", "forward"), ("torch", "forward_preact"), ("torch", "backward")]
+    assert auto.backward(narrow, narrow, w_narrow, None, narrow, "relu", (True, True, False), 0.0) == "cuda"
+    assert auto.backward(wide, wide, w_wide, None, wide, "relu", (True, True, False), 0.0) == "torch"
+    assert calls == [("cuda", "forward"), ("torch", "forward_preact"), ("cuda", "backward"), ("torch", "backward")]
     assert not auto.accepts_sign_mask  # the torch backend's backward is handed the mask unpacked
 
 
@@ -65,8 +69,8 @@ def test_predicted_auto_no_slower_than_eager():
             p = predict.predict(d, m, k, n, occ)
             fwd, bwd = predict.auto_times(d, k, n, p)
             assert fwd <= p["e_fwd"] and bwd <= p["e_bwd"], (d, m, k, n)
-            picked_fused += fwd < p["e_fwd"]
-    assert picked_fused >= 4  # the rule is not "always torch"
+            picked_fused += (fwd < p["e_fwd"]) + (bwd < p["e_bwd"])
+    assert picked_fused >= 8  # the rule is not "always torch"
 
 
 def test_list_prints_the_rule():
@@ -74,4 +78,4 @@ def test_list_prints_the_rule():
     cli.print_backends(["cpu"], file=out)
     text = out.getvalue()
     assert "backend='auto' on CUDA" in text
-    assert "float32   forward: cuda up to in*out = 256x256, torch above; backward: torch" in text
+    assert "float32   forward: cuda up to in*out = 256x256; backward: cuda up to 256x256; torch above" in text
