@@ -1,10 +1,10 @@
 // e^x, erf(x) and tanh(x) for float and double, vectorised with no libm call: the DEFAULT level's
-// math (x86-64 without AVX2, and aarch64), where at::vec's Vectorized exp, erf
-// and tanh call libm once per lane. Written on GCC/Clang vector extensions of the baseline width
-// (16 bytes: SSE2, NEON), so the compiler emits vector code without any target flag; rowwise.h
-// applies them to a Vectorized's lanes 16 bytes at a time.
-// Also holds the 2^(j/32) tables the AVX2 and AVX-512 exps of rowwise.h share. The polynomials'
-// coefficients come from scripts/fit_portable_math.py, which prints them with their errors.
+// math (x86-64 without AVX2, and aarch64), where at::vec's Vectorized exp, erf and tanh call libm
+// once per lane. Written on GCC/Clang vector extensions of the baseline width (16 bytes: SSE2,
+// NEON), so the compiler emits vector code without any target flag; rowwise.h applies them to a
+// Vectorized's lanes 16 bytes at a time. Also holds the tables the AVX2 and AVX-512 exps of
+// rowwise.h share. The double polynomials' coefficients come from scripts/fit_portable_math.py
+// (which prints them with their errors), the float erf's from the numpy fits named below.
 //
 // Compiled once per SIMD level (kernels_impl.h): everything here lives in the level's namespace.
 #pragma once
