@@ -200,10 +200,7 @@ FB_PORTABLE_INLINE d2 erf_near(d2 a) {
   constexpr double kP[] = {1.128379167011065,     -0.3761263829081746,     0.11283780860278782,
                            -0.026865368610914576, 0.005220920702213344,    -0.0008483169167447034,
                            0.00011263511552477389, -9.670126183656445e-06};
-  const d2 u = a * a;
-  d2 p = d2{} + kP[7];
-  for (int i = 6; i >= 0; --i) p = p * u + kP[i];
-  return p * a;
+  return horner(a * a, kP) * a;
 }
 
 // erf(a) for 1 <= a <= 4, in double: 1 - Q(t), t = (a - 2.5) / 1.5, Q the degree-18 Chebyshev
@@ -216,18 +213,15 @@ FB_PORTABLE_INLINE d2 erf_far(d2 a) {
       -0.006677462787534593,  0.009621796190996562,    -0.004556667295549377,  -0.0004426733501025707,
       0.0018566954850558202,  -0.0009197438322278293,  -9.68573476824032e-05,  0.00029434012028325843,
       -7.862957702116156e-05, -3.30668325099764e-05,   1.584699895031722e-05};
-  const d2 t = (a - 2.5) * (1 / 1.5);
-  d2 q = d2{} + kQ[18];
-#pragma GCC unroll 18
-  for (int i = 17; i >= 0; --i) q = q * t + kQ[i];
-  return 1.0 - q;
+  return 1.0 - horner((a - 2.5) * (1 / 1.5), kQ);
 }
 
 // erf(v), computed in double and rounded once: max error 0.5012 ULP against float64 (libm's erff:
 // 0.92). Each of the two ranges is evaluated only when a lane of the pair needs it. NaN, ±inf,
 // ±0 as erf.
 FB_PORTABLE_INLINE f4 erf(f4 v) {
-  const f4 a = select((f4)((i4)v & INT32_MAX) > 4.f, f4{} + 4.f, (f4)((i4)v & INT32_MAX));
+  const f4 av = (f4)((i4)v & INT32_MAX);
+  const f4 a = select(av > 4.f, f4{} + 4.f, av);
   auto pair = [](d2 h) {
     const l2 far = (l2)(h > 1.0);
     if (!any(far)) return erf_near(h);
