@@ -290,25 +290,16 @@ def test_large_weight_chunked(activation, slope, saved, dtype):
         torch.testing.assert_close(a, e.to(dtype), rtol=TOL[dtype]["rtol"] * 4, atol=TOL[dtype]["atol"] * 30)
 
 
-# K: a partial vector only, whole float (16) and double (8) vectors with tails; N: whole groups of 4
-# rows of W and a tail; the last shape's W is larger than L2.
-SINGLE_ROW_SHAPES = [(1, 1), (3, 5), (37, 22), (64, 8), (1030, 1027)]
-
-
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=dtype_id)
-@pytest.mark.parametrize("activation,slope", [("relu", 0.01), ("sigmoid", 0.01), ("gelu", 0.01)])
-@pytest.mark.parametrize("k,n", SINGLE_ROW_SHAPES)
-def test_single_row(dtype, activation, slope, k, n):
-    """A single row (M = 1) takes its own GEMV and rank-1 loops (csrc/cpu/small_m.h) where the tile
-    GEMM is on, the BLAS elsewhere: forward, the pre-activation and backward from each thing it
-    may keep, every output_mask with one gradient, all against float64 from the same inputs."""
-    x, w, b = sample_inputs(1, k, n, dtype=dtype)
+def _check_every_saved_form(m, k, n, dtype, activation, slope):
+    """Forward, the pre-activation and the backward from each thing it may keep, every output_mask
+    with one gradient, all against float64 from the same inputs."""
+    x, w, b = sample_inputs(m, k, n, dtype=dtype)
     x64, w64, b64 = (t.double() for t in (x, w, b))
     out, z = ops.linear_act_fwd_preact(x, w, b, activation, slope)
     assert torch.equal(out, ops.linear_act_fwd(x, w, b, activation, slope))
     assert_close(out, torch_backend.forward(x64, w64, b64, activation, slope), dtype)
     assert_close(z, torch.nn.functional.linear(x64, w64, b64), dtype)
-    g = torch.randn(1, n, dtype=dtype)
+    g = torch.randn(m, n, dtype=dtype)
     ref_out = z if keeps_z(activation, slope) else out
     want = torch_backend.backward(g.double(), x64, w64, b64, ref_out.double(), activation, (True, True, True), slope)
     for how in kept_kinds(activation, slope):
@@ -321,3 +312,33 @@ def test_single_row(dtype, activation, slope, k, n):
             alone = ops.linear_act_bwd(g, x, w, b, given, activation, mask, slope)
             assert torch.equal(alone[i], got[i])
             assert all(alone[j].numel() == 0 for j in range(3) if j != i)
+
+
+# K: a partial vector only, whole float (16) and double (8) vectors with tails; N: whole groups of 4
+# rows of W and a tail; the last shape's W is larger than L2.
+SINGLE_ROW_SHAPES = [(1, 1), (3, 5), (37, 22), (64, 8), (1030, 1027)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=dtype_id)
+@pytest.mark.parametrize("activation,slope", [("relu", 0.01), ("sigmoid", 0.01), ("gelu", 0.01)])
+@pytest.mark.parametrize("k,n", SINGLE_ROW_SHAPES)
+def test_single_row(dtype, activation, slope, k, n):
+    """A single row (M = 1) takes its own GEMV and rank-1 loops (csrc/cpu/small_m.h) where the tile
+    GEMM is on, the BLAS elsewhere."""
+    _check_every_saved_form(1, k, n, dtype, activation, slope)
+
+
+# A few rows of a wide layer (more than 2^18 multiply-adds): M against the dot tiles' 4 (AVX2: 2)
+# rows and the tile GEMM's 6, N against groups of 4 rows of W, 16-column strips and 64-column
+# blocks, K against whole vectors and K < 128 (the forward takes the BLAS or the tile GEMM there);
+# M >= 256 takes these loops for the backward only; the last W is larger than L2.
+FEW_ROWS_SHAPES = [(2, 1030, 129), (7, 131, 300), (13, 200, 1027), (255, 129, 67), (5, 64, 1000), (300, 64, 70),
+                   (3, 1024, 1030)]
+
+
+@pytest.mark.parametrize("activation,slope", [("relu", 0.01), ("sigmoid", 0.01), ("gelu", 0.01)])
+@pytest.mark.parametrize("m,k,n", FEW_ROWS_SHAPES, ids=lambda v: str(v))
+def test_few_rows(activation, slope, m, k, n):
+    """2 <= M < 1024 rows of a float layer too large for one thread take small_m.h's GEMMs that read
+    W in place where the tile GEMM is on (the BLAS elsewhere)."""
+    _check_every_saved_form(m, k, n, torch.float32, activation, slope)

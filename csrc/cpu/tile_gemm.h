@@ -11,6 +11,10 @@
 // threads). A is read in place, one pointer per row; the last block of rows repeats its last row
 // rather than reading past the end, and stores only the rows that exist.
 //
+// InPlaceTileGemm reads B where it lies instead, for B stored k-major (b_trans: a row of W for
+// dx = dz·W, a row of x for dW = dzᵀ·x), and computes only the rows that exist: for few rows of A,
+// where packing B (a copy of all of it per call) would cost more than the GEMM (small_m.h).
+//
 // Why: MKL runs its AVX2 kernels on AMD CPUs at every level (65536x64x64 addmm at 74 GFLOP/s on
 // one AMD EPYC Zen 5 core, 31 % of its AVX-512 peak), and any GEMM followed by a separate
 // elementwise pass reads and writes C once more. Compiled per SIMD level (kernels_impl.h).
@@ -42,7 +46,8 @@ constexpr int kTileVecs = 2;
 #endif
 
 // One term A · Bᵀ: A is (m x k) with leading dimension lda, B (n x k) with ldb, or stored as its
-// transpose (k x n) when b_trans.
+// transpose (k x n) when b_trans; A stored as its transpose (k x m) when a_trans (InPlaceTileGemm
+// only).
 struct TileTerm {
   const float* a;
   int64_t lda;
@@ -50,42 +55,72 @@ struct TileTerm {
   int64_t ldb;
   int64_t k;
   bool b_trans = false;
+  bool a_trans = false;
 };
 
-class TileGemm {
+// f.template operator()<C>() for C = count, 1 <= count <= kMax: a run-time count as a template
+// argument (the sizes of a micro-kernel's partial tiles).
+template <int kMax, int C = 1, typename F>
+void with_count(int64_t count, const F& f) {
+  if constexpr (C < kMax) {
+    if (count != C) return with_count<kMax, C + 1>(count, f);
+  }
+  f.template operator()<C>();
+}
+
+template <bool kPacked>
+class TileGemmOf {
  public:
   using V = at::vec::Vectorized<float>;
   static constexpr int64_t kBlockCols = kTileVecs * V::size();
 
-  // Packs the B's of `terms` (a null term's a or b: left out) for C of n columns.
-  TileGemm(std::initializer_list<TileTerm> terms, int64_t n) : n_(n) {
+  // Packs the B's of `terms` (a null term's a or b: left out) for C of n columns; in place, every
+  // term's B must be stored k-major (b_trans).
+  TileGemmOf(std::initializer_list<TileTerm> terms, int64_t n) : n_(n) {
     for (const TileTerm& t : terms) {
       if (t.a != nullptr && t.b != nullptr && t.k > 0) terms_.push_back(t);
     }
-    for (const TileTerm& t : terms_) k_all_ += t.k;
+    for (const TileTerm& t : terms_) {
+      TORCH_INTERNAL_ASSERT(kPacked ? !t.a_trans : t.b_trans, "TileGemm: A stored as is, InPlaceTileGemm: B k-major");
+      k_all_ += t.k;
+    }
     blocks_ = (n + kBlockCols - 1) / kBlockCols;
-    packed_.resize(blocks_ * k_all_ * kBlockCols);
     // Rows per group: a group's rows of A stay in a quarter of L2 while every column block passes
     // over them (B's blocks come from L2 or L3 once per group, not once per tile).
     const int64_t fit = l2_cache_bytes() / 4 / std::max<int64_t>(1, k_all_ * int64_t(sizeof(float)));
     group_rows_ = std::max<int64_t>(1, fit / kTileRows) * kTileRows;
-    at::parallel_for(0, blocks_, std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, k_all_ * kBlockCols)),
-                     [&](int64_t cb0, int64_t cb1) { pack(cb0, cb1); });
+    if constexpr (kPacked) {
+      packed_.resize(blocks_ * k_all_ * kBlockCols);
+      at::parallel_for(0, blocks_, std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, k_all_ * kBlockCols)),
+                       [&](int64_t cb0, int64_t cb1) { pack(cb0, cb1); });
+    }
   }
 
   // Whether B, packed, has its column blocks within half of L2 (the tile GEMM's condition).
   static bool fits(int64_t k_all) { return k_all * kBlockCols * int64_t(sizeof(float)) <= l2_cache_bytes() / 2; }
 
+  // Column blocks of C (of kBlockCols columns, the last one partial).
+  int64_t blocks() const { return blocks_; }
+
   // Rows [r0, r1) of C through epi(i, j, acc, count): acc holds C[i, j .. j + count) (count <=
-  // V::size(), the rest of the vector is padding). a0, unless null, stands for the first term's A
-  // in these rows (row r0 of A at a0): for an A that lives in a per-thread buffer.
+  // V::size(), the rest of the vector is padding), in column blocks [cb0, cb1) (default: all).
+  // a0, unless null, stands for the first term's A in these rows (row r0 of A at a0): for an A
+  // that lives in a per-thread buffer.
   template <typename Epi>
-  void rows(int64_t r0, int64_t r1, const Epi& epi, const float* a0 = nullptr) const {
+  void rows(int64_t r0, int64_t r1, const Epi& epi, const float* a0 = nullptr, int64_t cb0 = 0,
+            int64_t cb1 = -1) const {
+    if (cb1 < 0) cb1 = blocks_;
     for (int64_t g0 = r0; g0 < r1; g0 += group_rows_) {
       const int64_t g1 = std::min(r1, g0 + group_rows_);
-      for (int64_t cb = 0; cb < blocks_; ++cb) {
+      for (int64_t cb = cb0; cb < cb1; ++cb) {
         for (int64_t i = g0; i < g1; i += kTileRows) {
-          tile(i, std::min<int64_t>(kTileRows, g1 - i), cb, epi, a0 != nullptr ? a0 + (i - r0) * terms_[0].lda : nullptr);
+          const float* a_i = a0 != nullptr ? a0 + (i - r0) * terms_[0].lda : nullptr;
+          const int64_t rows = std::min<int64_t>(kTileRows, g1 - i);
+          if constexpr (kPacked) {
+            tile<kTileRows>(i, rows, cb, epi, a_i);
+          } else {
+            with_count<kTileRows>(rows, [&]<int R>() { tile<R>(i, R, cb, epi, a_i); });
+          }
         }
       }
     }
@@ -110,29 +145,51 @@ class TileGemm {
   const float* block(int64_t cb) const { return packed_.data() + cb * k_all_ * kBlockCols; }
   float* block(int64_t cb) { return packed_.data() + cb * k_all_ * kBlockCols; }
 
-  // The tile of rows [i0, i0 + rows) and column block cb; a0: the first term's A at row i0, or null.
-  template <typename Epi>
+  // The tile of rows [i0, i0 + rows) and column block cb, R rows of accumulators (R > rows: the
+  // last row repeated); a0: the first term's A at row i0, or null.
+  template <int R, typename Epi>
   void tile(int64_t i0, int64_t rows, int64_t cb, const Epi& epi, const float* a0) const {
     constexpr int W = V::size();
-    V acc[kTileRows][kTileVecs];
-    for (int r = 0; r < kTileRows; ++r) {
+    V acc[R][kTileVecs];
+    for (int r = 0; r < R; ++r) {
       for (int v = 0; v < kTileVecs; ++v) acc[r][v] = V(0.f);
     }
-    const float* bp = block(cb);
+    const int64_t j0 = cb * kBlockCols, cols = std::min(kBlockCols, n_ - j0);
+    const float* bp = kPacked ? block(cb) : nullptr;
     for (const TileTerm& t : terms_) {
-      const float* a[kTileRows];
-      const float* a_i0 = a0 != nullptr && &t == terms_.data() ? a0 : t.a + i0 * t.lda;
-      for (int r = 0; r < kTileRows; ++r) a[r] = a_i0 + std::min<int64_t>(r, rows - 1) * t.lda;
-      for (int64_t kk = 0; kk < t.k; ++kk, bp += kBlockCols) {
-        V b[kTileVecs];
-        for (int v = 0; v < kTileVecs; ++v) b[v] = V::loadu(bp + v * W);
-        for (int r = 0; r < kTileRows; ++r) {
-          const V ar(a[r][kk]);
+      // A's element (i0 + r, kk) at a[r][kk * a_step]
+      const int64_t a_row = t.a_trans ? 1 : t.lda, a_step = kPacked || !t.a_trans ? 1 : t.lda;
+      const float* a[R];
+      const float* a_i0 = a0 != nullptr && &t == terms_.data() ? a0 : t.a + i0 * a_row;
+      for (int r = 0; r < R; ++r) a[r] = a_i0 + std::min<int64_t>(r, rows - 1) * a_row;
+      // One k step: b[v] holds B's row kk, columns j0 + v·W onwards.
+      const auto step = [&](int64_t kk, const V (&b)[kTileVecs]) {
+        for (int r = 0; r < R; ++r) {
+          const V ar(a[r][kk * a_step]);
           for (int v = 0; v < kTileVecs; ++v) acc[r][v] = at::vec::fmadd(ar, b[v], acc[r][v]);
+        }
+      };
+      V b[kTileVecs];
+      if constexpr (kPacked) {
+        for (int64_t kk = 0; kk < t.k; ++kk, bp += kBlockCols) {
+          for (int v = 0; v < kTileVecs; ++v) b[v] = V::loadu(bp + v * W);
+          step(kk, b);
+        }
+      } else if (cols == kBlockCols) {
+        for (int64_t kk = 0; kk < t.k; ++kk) {
+          for (int v = 0; v < kTileVecs; ++v) b[v] = V::loadu(t.b + kk * t.ldb + j0 + v * W);
+          step(kk, b);
+        }
+      } else {  // the last, partial block: no load past B's columns
+        for (int64_t kk = 0; kk < t.k; ++kk) {
+          for (int v = 0; v < kTileVecs; ++v) {
+            const int64_t count = std::clamp<int64_t>(cols - v * W, 0, W);
+            b[v] = count > 0 ? V::loadu(t.b + kk * t.ldb + j0 + v * W, count) : V(0.f);
+          }
+          step(kk, b);
         }
       }
     }
-    const int64_t j0 = cb * kBlockCols;
     for (int r = 0; r < rows; ++r) {
       for (int v = 0; v < kTileVecs; ++v) {
         const int64_t j = j0 + v * W, count = std::min<int64_t>(W, n_ - j);
@@ -146,5 +203,8 @@ class TileGemm {
   int64_t n_, k_all_ = 0, blocks_ = 0, group_rows_ = kTileRows;
   KeptBuffer packed_;
 };
+
+using TileGemm = TileGemmOf<true>;
+using InPlaceTileGemm = TileGemmOf<false>;
 
 }  // namespace fused_backprop::cpu::CPU_CAPABILITY
