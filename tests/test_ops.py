@@ -331,7 +331,8 @@ def test_single_row(dtype, activation, slope, k, n):
 # A few rows of a wide layer (more than 2^18 multiply-adds): M against the dot tiles' 4 (AVX2: 2)
 # rows and the tile GEMM's 6, N against groups of 4 rows of W, 16-column strips and 64-column
 # blocks, K against whole vectors and K < 128 (the forward takes the BLAS or the tile GEMM there);
-# M >= 256 takes these loops for the backward only; the last W is larger than L2.
+# at AVX-512 M >= 256 takes these loops for the backward only, at AVX2 only M < 16 takes them; the
+# last W is larger than L2.
 FEW_ROWS_SHAPES = [(2, 1030, 129), (7, 131, 300), (13, 200, 1027), (255, 129, 67), (5, 64, 1000), (300, 64, 70),
                    (3, 1024, 1030)]
 

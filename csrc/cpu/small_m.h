@@ -15,11 +15,11 @@
 // by mm + mm 157 us, one pass over the rows of W and dW 82 us). One thread: two waited for a
 // descheduled one on the shared machine (7 ms a call), and the row is memory-bound.
 //
-// A few rows (2 <= M < 256 for the forward, < 1024 for the backward) of a float layer too large for
-// one thread take GEMMs that read W in place (few_rows_*, below), on all threads: where MKL packs
-// W in every call, which at a few rows costs as much as the multiply (2x1024x1024 forward: addmm +
-// relu 118 us, these 32 us; 128x1024x1024 training step 4.33 ms against 2.14; AMD EPYC Zen 5, 2
-// threads).
+// A few rows (AVX-512: 2 <= M < 256 for the forward, < 1024 for the backward; AVX2: M < 16) of a
+// float layer too large for one thread take GEMMs that read W in place (few_rows_*, below), on
+// all threads, where MKL packs W in every call, which at a few rows costs as much as the multiply
+// (2x1024x1024 forward: addmm + relu 118 us, these 32 us; 128x1024x1024 training step 4.33 ms
+// against 2.14; AMD EPYC Zen 5, AVX-512, 2 threads).
 //
 // Part of kernels_impl.h (compiled per SIMD level): uses its preact_rows, act_rows, form_dz and scratch.
 #pragma once
@@ -150,14 +150,22 @@ class SerialBlas {
 //            the epilogue on strips of kStripCols columns of z while they are in cache
 //   dx = dz·W   InPlaceTileGemm, B = W's rows; threads split the columns of dx
 //   dW = dzᵀ·x  InPlaceTileGemm, A = dz read transposed, B = x's rows; threads split W's rows
-// forward: below kTileMinRows rows, and K at least kDotMinK (at K = 64, four vector steps per dot
-// product do not pay for its reduction: 128x64x64 took 1.05x the BLAS's time); backward: up to
-// kFewRows, where the chunked backward's multithreaded GEMMs pack W.
+// Rows up to which these loops run. AVX-512: the forward below kTileMinRows, and only from K =
+// kDotMinK (at K = 64, four vector steps per dot product do not pay for its reduction: 128x64x64
+// took 1.05x the BLAS's time); the backward up to kFewRows, where the chunked backward's
+// multithreaded GEMMs pack W. AVX2: below 16 rows, where MKL's AVX2 GEMM, packing included,
+// overtakes the narrower tiles (one thread, AMD EPYC Zen 5 at AVX2, these loops / MKL: 4x1024x1024
+// 0.58 inference, 0.53 training; 16 rows 0.86 / 1.03; 32 rows 1.02 / 1.16; 128 rows 1.17 / 1.20).
 constexpr int64_t kDotMinK = 128;
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int64_t kFewRowsForward = kTileMinRows, kFewRowsBackward = kFewRows;
+#else
+constexpr int64_t kFewRowsForward = 16, kFewRowsBackward = 16;
+#endif
 template <typename T>
 bool use_few_rows(bool forward, int64_t m, int64_t k, int64_t n) {
   return std::is_same_v<T, float> && kHaveTileGemm && m >= 2 && m * k * n > kSerialMacs && tile_gemm_enabled() &&
-         (forward ? m < kTileMinRows && k >= kDotMinK : m < kFewRows);
+         (forward ? m < kFewRowsForward && k >= kDotMinK : m < kFewRowsBackward);
 }
 
 #if defined(CPU_CAPABILITY_AVX512)
