@@ -45,6 +45,8 @@ ENV = {**os.environ, "ASAN_OPTIONS": "detect_leaks=1:abort_on_error=0:halt_on_er
 SHAPES = [*ODD_SHAPES, (64, 64, 64), (129, 32, 130), (128, 8, 128), (65, 33, 64), (150, 72, 140)]
 # a long reduction under a small output: the forward and recompute dZ GEMMs take the split-K path
 SHAPES += [(70, 300, 20)]
+# aligned and 4 k steps of the WMMA tile without a split (forward, dX): the cp.async ring wraps
+SHAPES += [(136, 128, 128)]
 # tall-skinny: dW (and dX) take the split-K path with its deterministic second stage
 TALL = [(2000, 20, 10), (700, 9, 3)]
 DTYPES = ("f64", "f32", "f16", "bf16")
@@ -270,7 +272,7 @@ def test_wide_problem(harness, act, mode):
     _check(harness, "--dtype", "f32", "--act", act, "--mode", mode, *_shape_args([(300, 70, 260)]))
 
 
-@pytest.mark.parametrize("name", ["schedule", "votes", "missing-sync", "epilogue-lanes"])
+@pytest.mark.parametrize("name", ["schedule", "votes", "missing-sync", "epilogue-lanes", "cp-async"])
 def test_harness_selftest(harness, name):
     r = run(harness, "--selftest", name)
     assert r.returncode == 0, _report(r)
@@ -282,6 +284,7 @@ def test_harness_selftest(harness, name):
     ("divergent-shfl", "deadlock"),
     ("shared-oob", "AddressSanitizer: heap-buffer-overflow"),
     ("local-oob", ("AddressSanitizer: stack-buffer-overflow", "insufficient space for an object")),
+    ("cp-async-unwaited", "cp.async copies not waited for"),
 ])
 def test_harness_fails_loudly(harness, name, expect):
     r = run(harness, "--selftest", name)
@@ -290,8 +293,9 @@ def test_harness_fails_loudly(harness, name, expect):
     assert any(e in r.stderr for e in expect), _report(r)
 
 
-# Deliberate bugs: each mutation of kernels.cuh must make the harness fail. Built float32-only
-# (HARNESS_ONLY_F32) to keep these extra builds short.
+# Deliberate bugs: each mutation of kernels.cuh must make the harness fail. Built for one dtype
+# (HARNESS_ONLY_F32, or HARNESS_ONLY_F16 for the WMMA kernel's) to keep these extra builds short;
+# an entry is (old, new, harness arguments, expected output[, dtype]).
 MUTATIONS = {
     "fma-missing-syncthreads": (
         "        for (int j = 0; j < C::TN; ++j) acc[i][j] = ra[i] * rb[j] + acc[i][j];\n    }\n    __syncthreads();",
@@ -318,18 +322,28 @@ MUTATIONS = {
     "saved-path-drops-the-slope": (
         "grad_from_saved<A, acc_t<T>>(Num<T>::to_acc(saved), a)", "grad_from_saved<A, acc_t<T>>(Num<T>::to_acc(saved), 0)",
         ["--act", "leaky_relu", "--slope", "0.2", "--mode", "bwd"], "MISMATCH"),
+    # the cp.async ring (136x128x128: aligned, 4 k steps): a wait that leaves the tile about to be
+    # multiplied in flight reads the 0xff fill / an older tile; without the k step's barrier
+    # other threads' copies are not waited for and a stage is refilled while others still read it
+    "wmma-waits-one-group-too-few": (
+        "FB_CP_ASYNC_WAIT(S - 2);", "FB_CP_ASYNC_WAIT(S - 1);", ["--mode", "fwd", "136,128,128"], "MISMATCH", "f16"),
+    "wmma-missing-syncthreads": (
+        "    // the previous tile, whose stage the next copy overwrites.\n    __syncthreads();",
+        "    // the previous tile, whose stage the next copy overwrites.\n",
+        ["--mode", "bwd", "136,128,128"], "MISMATCH", "f16"),
 }
 
 
 @pytest.mark.parametrize("name", list(MUTATIONS))
 def test_harness_catches_deliberate_bug(name, tmp_path):
-    old, new, args, expect = MUTATIONS[name]
+    old, new, args, expect, *dtype = MUTATIONS[name]
+    dtype = dtype[0] if dtype else "f32"
     src = (ROOT / "csrc" / "cuda" / "kernels.cuh").read_text()
     assert src.count(old) == 1, f"mutation anchor for {name} not found once in kernels.cuh"
     mutated = tmp_path / "kernels.cuh"
     mutated.write_text(src.replace(old, new))
-    exe = build_harness(mutated, extra_flags=["-DHARNESS_ONLY_F32"], tag=f"mutant-{name}")
-    r = run(exe, "--dtype", "f32", "--act", "relu", *args, *_shape_args([(37, 13, 11), (130, 65, 33), (2000, 20, 10)]))
+    exe = build_harness(mutated, extra_flags=[f"-DHARNESS_ONLY_{dtype.upper()}"], tag=f"mutant-{name}")
+    r = run(exe, "--dtype", dtype, "--act", "relu", *args, *_shape_args([(37, 13, 11), (130, 65, 33), (2000, 20, 10)]))
     assert r.returncode != 0, f"the harness did not notice {name}:\n{_report(r)}"
     assert expect in r.stdout + r.stderr, _report(r)
 
