@@ -8,7 +8,8 @@ Model (a roofline with the kernel's structure folded into an achievable rate):
 * bytes_L2: the operand tiles every block streams through shared memory, (BM+BN)*BK per k step;
 * occupancy (blocks per SM) from registers, static shared memory and threads of the report;
   wave_efficiency = blocks / (waves * 132 * saturating blocks per SM);
-* P_kernel: the achievable arithmetic rate of each kernel design (argued in RESULTS.md, "CUDA backend").
+* P_kernel: the achievable arithmetic rate of each kernel design (argued in RESULTS.md, "CUDA backend");
+  the pipelined WMMA kernel's from its shared-memory traffic per k step (wmma_eff).
 
     python benchmarks/cuda_predict.py [--out benchmarks/cuda_predictions_table.md]
 """
@@ -26,6 +27,7 @@ SMS = 132
 PEAK = {"f32": 67e12, "f32n": 67e12, "f64": 34e12, "f16": 989e12, "bf16": 989e12}  # FMA pipes (f32/f64), tensor cores (16-bit)
 DRAM_BW = 3.35e12 * 0.80   # achievable HBM3
 L2_BW = 5.5e12             # measured-class L2 bandwidth
+SMEM_BW = 128 * 1.98e9 * SMS  # shared memory: 128 B per clock per SM
 T_LAUNCH = 2.5e-6          # launch + ramp/tail of one kernel in a back-to-back stream
 REGS_PER_SM, SMEM_PER_SM, THREADS_PER_SM, MAX_BLOCKS = 65536, 228 * 1024, 2048, 32
 SIZE = {"f32": 4, "f64": 8, "f16": 2, "bf16": 2}
@@ -33,8 +35,21 @@ ACC = {"f32": 4, "f64": 8, "f16": 4, "bf16": 4}
 # tile shapes: (BM, BN, BK, threads); f32 outputs with <= 64 rows or columns use the narrow tile
 TILE = {"f32": (128, 128, 8, 256), "f32n": (64, 64, 16, 256), "f64": (64, 64, 8, 256), "f16": (64, 64, 32, 128),
         "bf16": (64, 64, 32, 128)}
+
+def wmma_eff(bm=64, bn=64, bk=32, wm=32, wn=32, e=2, overlap=0.85):
+    """Achievable fraction of the tensor-core peak of the cp.async-pipelined WMMA kernel. With the
+    copies of tile k+2 in flight while tile k is multiplied, global latency is hidden and the
+    k step is bound by shared memory: every warp reads its (wm + wn) x bk operand slice through
+    ldmatrix and the block writes its (bm + bn) x bk tiles (cp.async or STS.128), against
+    2 bm bn bk FLOPs; `overlap`: the share of that bound reached with one barrier per k step and
+    3 resident blocks (12 warps) per SM."""
+    warps = (bm // wm) * (bn // wn)
+    smem_bytes = (warps * (wm + wn) * bk + (bm + bn) * bk) * e
+    return overlap * 2.0 * bm * bn * bk / smem_bytes * SMEM_BW / PEAK["f16"]
+
+
 # achievable fraction of PEAK for each GEMM design (see RESULTS.md, "CUDA backend")
-EFF = {"f32": 0.65, "f32n": 0.55, "f64": 0.55, "f16": 0.15, "bf16": 0.15}
+EFF = {"f32": 0.65, "f32n": 0.55, "f64": 0.55, "f16": wmma_eff(), "bf16": wmma_eff()}
 # cuBLAS (eager baseline) on H100: SGEMM on the FMA pipes (torch's default: no TF32), DGEMM on the
 # FP64 tensor cores (67 TFLOP/s peak), HGEMM with wgmma
 CUBLAS = {"f32": 0.75 * 67e12, "f64": 0.80 * 67e12, "f16": 0.65 * 989e12, "bf16": 0.65 * 989e12}
@@ -166,8 +181,8 @@ def gemm_resources(rep=None):
     res = {}
     for d in ("f32", "f32n", "f64", "f16", "bf16"):
         fam = "gemm_wmma_kernel" if d in ("f16", "bf16") else "gemm_fma_kernel"
-        regs, smem = rep[(d, fam)] if rep else ({"f32": 141, "f32n": 79, "f64": 124}.get(d, 128),
-                                                 {"f32": 8448, "f32n": 8704, "f64": 8448}.get(d, 18432))
+        regs, smem = rep[(d, fam)] if rep else ({"f32": 141, "f32n": 79, "f64": 124}.get(d, 168),
+                                                 {"f32": 8448, "f32n": 8704, "f64": 8448}.get(d, 30720))
         bps = blocks_per_sm(regs, smem, TILE[d][3])
         res[d] = (fam, regs, smem, max(bps, 2) if d in ("f64", "f32n") else bps)  # __launch_bounds__(256, 2)
     return res

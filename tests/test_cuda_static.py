@@ -222,26 +222,61 @@ def test_tensor_core_kernels_use_hmma(sass):
         print(f"{arch} {dtype}: HMMA per GEMM kernel: {sorted(set(gemms.values()))}")
 
 
-def test_wmma_tiles_stored_as_vectors(sass):
-    # Every fp16/bf16 operand tile lies in shared memory as it was loaded, so the k loop stores
-    # only 16-byte vectors (STS.128), on every path (the unaligned fallback stages the same
-    # vectors). A transposed scalar store (STS.U16 at S[(r + j) * LDS + k]) puts a warp's lanes on
-    # one bank: ~128 store wavefronts per k step instead of 8-16. Besides them the kernel has only
-    # the accumulator staging (STS.64) and no local memory (LDL/STL).
-    rows = []
+def _wmma_kernels(sass):
+    """(arch, dtype, short name, SASS opcodes) of every fp16/bf16 WMMA GEMM kernel."""
     for (dtype, arch), kernels in sorted(sass.items()):
-        if dtype not in ("f16", "bf16"):
-            continue
-        for name, ops in kernels.items():
-            if "gemm_wmma_kernel" not in name:
-                continue
-            sts = collections.Counter(op for op in ops if op.startswith("STS"))
-            other = {op: n for op, n in sts.items() if op not in ("STS.128", "STS.64")}
-            assert not other and sts.get("STS.128", 0) > 0, f"{arch} {dtype} {name}: shared stores {sts}"
-            assert not (_count(ops, "LDL") or _count(ops, "STL")), f"{arch} {dtype} {name}: local memory"
-            rows.append(f"{arch} {dtype} STS.128 {sts['STS.128']:2d} / HMMA {_count(ops, 'HMMA'):2d}  {name}")
+        if dtype in ("f16", "bf16"):
+            yield from ((arch, dtype, name, ops) for name, ops in kernels.items() if "gemm_wmma_kernel" in name)
+
+
+def test_wmma_tiles_stored_as_vectors(sass):
+    # Every fp16/bf16 operand tile lies in shared memory as it was loaded, so the k loop writes
+    # only 16-byte vectors: cp.async copies (LDGSTS.128, test_wmma_k_loop_pipelined_with_cp_async)
+    # for aligned plain operands, STS.128 for the register-staged ones (dZ formed from dY and the
+    # saved tensor, and the unaligned fallback, which stages the same vectors). A transposed
+    # scalar store (STS.U16 at S[(r + j) * LDS + k]) puts a warp's lanes on one bank: ~128 store
+    # wavefronts per k step instead of 8-16. Besides them the kernel has only the accumulator
+    # staging (STS.64) and no local memory (LDL/STL).
+    rows = []
+    for arch, dtype, name, ops in _wmma_kernels(sass):
+        sts = collections.Counter(op for op in ops if op.startswith("STS"))
+        other = {op: n for op, n in sts.items() if op not in ("STS.128", "STS.64")}
+        assert not other and sts.get("STS.128", 0) > 0, f"{arch} {dtype} {name}: shared stores {sts}"
+        assert not (_count(ops, "LDL") or _count(ops, "STL")), f"{arch} {dtype} {name}: local memory"
+        rows.append(f"{arch} {dtype} STS.128 {sts['STS.128']:2d} / HMMA {_count(ops, 'HMMA'):2d}  {name}")
     assert rows, "no WMMA kernels"
     print("\nWMMA k-loop tile stores per HMMA:\n" + "\n".join(rows))
+
+
+def test_wmma_k_loop_pipelined_with_cp_async(sass):
+    # The WMMA operand tiles go through a STAGES-deep shared-memory ring filled by cp.async
+    # (cp.async.cg 16 bytes: LDGSTS.E.BYPASS.128; commit: LDGDEPBAR; wait_group: DEPBAR.LE): the
+    # prologue commits STAGES - 1 groups before the first wait, and each k step waits (DEPBAR),
+    # passes its one barrier and issues the copies of the tile STAGES - 1 steps ahead before its
+    # MMAs, so those copies fly while this tile is multiplied. Every WMMA kernel has an aligned
+    # plain operand (x, W or the recompute dZ), so every one has the pipeline.
+    src = (CUDA_DIR / "kernels.cuh").read_text()
+    stages = int(re.search(r"struct WmmaConfig \{.*?STAGES = (\d+);", src, re.S).group(1))
+    assert stages >= 2
+    rows = []
+    for arch, dtype, name, ops in _wmma_kernels(sass):
+        what = f"{arch} {dtype} {name}"
+        copies = [op for op in ops if op.startswith("LDGSTS")]
+        assert copies and all(op == "LDGSTS.E.BYPASS.128" for op in copies), f"{what}: cp.async copies {set(copies)}"
+        waits = [i for i, op in enumerate(ops) if op.startswith("DEPBAR")]
+        assert waits, f"{what}: no cp.async.wait_group (DEPBAR)"
+        assert ops[:waits[0]].count("LDGDEPBAR") >= stages - 1, f"{what}: fewer than {stages - 1} groups before the first wait"
+        # the k loop: a wait, then its barrier, then copies + commit, then the MMAs
+        loop = [w for w in waits if any(op.startswith("BAR.SYNC") for op in ops[w:w + 4])]
+        assert loop, f"{what}: no wait_group followed by a barrier"
+        hmma = next(i for i in range(loop[0], len(ops)) if ops[i].startswith("HMMA"))
+        head = ops[loop[0]:hmma]
+        assert any(op.startswith("LDGSTS") for op in head) and "LDGDEPBAR" in head, \
+            f"{what}: the k step does not issue the next tiles' copies before its MMAs"
+        rows.append(f"{arch} {dtype} LDGSTS {len(copies):2d} / LDGDEPBAR {ops.count('LDGDEPBAR')} / "
+                    f"DEPBAR {len(waits)} / HMMA {_count(ops, 'HMMA'):2d}  {name}")
+    assert rows, "no WMMA kernels"
+    print(f"\nWMMA cp.async ring ({stages} stages):\n" + "\n".join(rows))
 
 
 def _sts64_accumulator_conflicts(ldc: int) -> int:
@@ -273,10 +308,12 @@ def test_wmma_accumulator_staging_free_of_bank_conflicts(sass):
 
 
 def test_gemm_k_loop_loads_one_tile_ahead(sass):
-    # Both paths of the tile loader (16-byte vectors, and the element loads of unaligned or odd-
-    # sized operands) fetch the next tile into registers before this tile's MMAs / FMAs, so the
-    # k loop's head -- the tile stores up to the barrier -- issues no global load. (The old
-    # scalar fallback loaded its elements there: nothing in flight during the math, latency-bound.)
+    # Both register paths of the tile loader (16-byte vectors, and the element loads of unaligned
+    # or odd-sized operands) fetch the next tile into registers before this tile's MMAs / FMAs, so
+    # the tile stores up to the barrier issue no global load into registers (LDG). (The old scalar
+    # fallback loaded its elements there: nothing in flight during the math, latency-bound.) The
+    # WMMA kernel's cp.async copies (LDGSTS, LDGDEPBAR) load nothing into registers and are
+    # checked by test_wmma_k_loop_pipelined_with_cp_async; they are not counted here.
     n = 0
     for (dtype, arch), kernels in sorted(sass.items()):
         for name, ops in kernels.items():
@@ -284,7 +321,7 @@ def test_gemm_k_loop_loads_one_tile_ahead(sass):
                 continue
             head = next(i for i, op in enumerate(ops) if op.startswith("STS"))
             bar = next(i for i in range(head, len(ops)) if ops[i].startswith("BAR"))
-            loads = [op for op in ops[head:bar] if op.startswith("LDG")]
+            loads = [op for op in ops[head:bar] if _count([op], "LDG")]
             assert not loads, f"{arch} {dtype} {name}: global loads between the tile stores and the barrier: {loads}"
             n += 1
     assert n > 0, "no GEMM kernels"

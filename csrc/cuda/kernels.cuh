@@ -9,7 +9,8 @@
 //     must be included before this header.
 // Kernels use only the CUDA features the harness emulates (see tests/cuda_harness/README.md):
 // blockIdx/threadIdx/blockDim/gridDim, static shared memory (FB_SHARED_*), __syncthreads, __shfl_down_sync,
-// 16-byte uint4 loads/stores, and nvcuda::wmma fragment/fill/load/mma/store on 16x16x16 tiles.
+// 16-byte uint4 loads/stores, cp.async (FB_CP_ASYNC_*), and nvcuda::wmma fragment/fill/load/mma/store on
+// 16x16x16 tiles.
 //
 // GEMM forms (every matrix row-major with unit column stride; "rows" x "red" operands):
 //   forward  out[M,N] = act(x[M,K] . W[N,K]^T + b)        A = x  (k-contiguous), B = W (k-contiguous)
@@ -39,6 +40,32 @@
 #else
 #define FB_SHARED_ARRAY(T, name, n) __shared__ __align__(32) T name[n]
 #define FB_SHARED_OBJECT(T, name) __shared__ T name
+#endif
+
+// cp.async: FB_CP_ASYNC_16(dst, src, full) starts a 16-byte global -> shared copy that lands
+// asynchronously (cp.async.cg, L2 only), or zero-fills the 16 bytes when `full` is false (src-size
+// 0: nothing is read, src only has to be a valid address); FB_CP_ASYNC_COMMIT() closes this
+// thread's group of copies; FB_CP_ASYNC_WAIT(n) blocks until at most the n newest of its committed
+// groups are still in flight. The copies are visible to other threads after a __syncthreads that
+// follows the wait. The harness queues the copies and performs a group only at the wait that
+// completes it (cuda_host.h); before sm_80 a copy is a synchronous 16-byte load and store.
+#if defined(FB_CUDA_HOST_HARNESS)
+#define FB_CP_ASYNC_16(dst, src, full) ::cuda_host::cp_async_16((dst), (src), (full))
+#define FB_CP_ASYNC_COMMIT() ::cuda_host::cp_async_commit()
+#define FB_CP_ASYNC_WAIT(n) ::cuda_host::cp_async_wait(n)
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#define FB_CP_ASYNC_16(dst, src, full)                                                              \
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(static_cast<unsigned>(      \
+                   __cvta_generic_to_shared(dst))),                                                 \
+               "l"(src), "r"((full) ? 16 : 0)                                                       \
+               : "memory")
+#define FB_CP_ASYNC_COMMIT() asm volatile("cp.async.commit_group;\n" ::: "memory")
+#define FB_CP_ASYNC_WAIT(n) asm volatile("cp.async.wait_group %0;\n" ::"n"(n) : "memory")
+#else
+#define FB_CP_ASYNC_16(dst, src, full) \
+  (*reinterpret_cast<uint4*>(dst) = (full) ? *reinterpret_cast<const uint4*>(src) : uint4{0u, 0u, 0u, 0u})
+#define FB_CP_ASYNC_COMMIT() ((void)0)
+#define FB_CP_ASYNC_WAIT(n) ((void)0)
 #endif
 
 namespace fused_backprop::cuda {
@@ -109,12 +136,19 @@ __device__ __forceinline__ void store_vec(T* __restrict__ p, const T (&in)[V]) {
 // (16-byte aligned base, ld and contiguous extent multiples of V), so a vector is either
 // entirely inside or entirely outside.
 // ------------------------------------------------------------------------------------------
+// kAsync: the operand's tiles can go to shared memory as they are, by cp.async (copy_async, for
+// `vec` operands: one 16-byte copy of the V elements at (r, k), zero-filled outside the matrix).
 template <typename T, bool KC>
 struct PlainOperand {
-  static constexpr bool kKContig = KC;
+  static constexpr bool kKContig = KC, kAsync = true;
   const T* __restrict__ p;
   int64_t ld, rows, red;
   bool vec;
+
+  __device__ __forceinline__ void copy_async(T* dst, int64_t r, int64_t k) const {
+    const bool in = r < rows && k < red;
+    FB_CP_ASYNC_16(dst, in ? (KC ? p + r * ld + k : p + k * ld + r) : p, in);
+  }
 
   template <int V>
   __device__ __forceinline__ void load(int64_t r, int64_t k, T (&v)[V]) const {
@@ -144,10 +178,10 @@ __device__ __forceinline__ T dz_from_preact(T dy, acc_t<T> z, acc_t<T> a) {
   return Num<T>::from_acc(Num<T>::to_acc(dy) * Act<A>::template grad_from_preact<acc_t<T>>(z, a));
 }
 
-// dZ formed from dY and the saved y or z while loading the tile.
+// dZ formed from dY and the saved y or z while loading the tile (in registers: no cp.async).
 template <typename T, Activation A, bool KC>
 struct DzFromSavedOperand {
-  static constexpr bool kKContig = KC;
+  static constexpr bool kKContig = KC, kAsync = false;
   const T* __restrict__ dy;
   int64_t lddy;
   const T* __restrict__ saved;
@@ -234,6 +268,18 @@ __device__ __forceinline__ void fetch_tile(const Op& op, TileRegs<BR, BK, NT, T>
         t.v[it].v[j] = s[0];
       }
     }
+  }
+}
+
+// Starts the cp.async copies of the tile of `op` at (r0, k0) (op.vec holds) into the shared tile S
+// laid out along the operand's contiguous dimension (Tile::at, the WMMA tiles), one 16-byte copy
+// per TileVec, as fetch_tile + store_tile would place them; vectors outside the matrix are zeros.
+template <int BR, int BK, int NT, class Tile, class Op, typename T>
+__device__ __forceinline__ void copy_tile_async(const Op& op, T* __restrict__ S, int64_t r0, int64_t k0, int tid) {
+#pragma unroll
+  for (int it = 0; it < TileRegs<BR, BK, NT, T>::NV; ++it) {
+    const TileVec<BR, BK, NT, Op::kKContig, T> at(tid, it);
+    op.copy_async(&S[Tile::at(at.r, at.k)], r0 + at.r, k0 + at.k);
   }
 }
 
@@ -563,11 +609,18 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MIN_BLOCKS)
 // Tensor-core tiled GEMM (float16, bfloat16) through nvcuda::wmma, fp32 accumulation.
 // Block tile 64 x 64 x 32, four warps in 2 x 2, each warp 32 x 32 = 2 x 2 fragments of 16x16.
 // Each operand tile sits in shared memory as it lies in global memory (WmmaTile), so the tile
-// stores are 16-byte vectors and the fragments' layout absorbs the transpose (ldmatrix.trans).
-// The accumulators go through shared memory (aliasing the operand tiles) to the epilogue.
+// writes are 16-byte vectors and the fragments' layout absorbs the transpose (ldmatrix.trans).
+// The operand tiles form a STAGES-deep ring: an operand that is copied as it is (PlainOperand,
+// 16-byte aligned) streams in by cp.async, tile k + STAGES - 1 in flight while tile k is
+// multiplied; one whose tile is computed (dZ from dY and the saved y / z) or misaligned is
+// register-staged one tile ahead into the ring. The accumulators go through shared memory
+// (aliasing the ring) to the epilogue.
 // ------------------------------------------------------------------------------------------
 struct WmmaConfig {
   static constexpr int BM = 64, BN = 64, BK = 32, WM = 32, WN = 32, PAD = 8, CPAD = 8;
+  // 3 stages: 27-30 KB of static shared memory (within the 48 KB of static shared memory), so
+  // registers (<= 168: 3 blocks/SM), not shared memory, bound the occupancy
+  static constexpr int STAGES = 3;
   static constexpr int WARPS_M = BM / WM, WARPS_N = BN / WN;
   static constexpr int NT = WARPS_M * WARPS_N * 32;  // 128
   // floats; store_matrix_sync writes an accumulator as 64-bit stores, lane l at row l/4 and
@@ -594,24 +647,48 @@ template <typename T, class TA, class TB>
 struct __align__(32) WmmaSmem {
   union {
     struct {
-      T a[TA::size];
-      T b[TB::size];
+      T a[WmmaConfig::STAGES][TA::size];
+      T b[WmmaConfig::STAGES][TB::size];
     } ab;
     float c[WmmaConfig::BM * WmmaConfig::LDC];
   };
 };
 
-// At least 4 blocks (16 warps) per SM, so at most 128 registers: without the bound ptxas aims at
-// 96 and spills the fallback path's staged element loads under gelu's act'.
+// One operand's side of the ring: cp.async for an aligned PlainOperand (`async`, uniform over
+// the grid), else fetch_tile into registers one tile ahead and store_tile after the MMAs.
+template <int BR, class Op, typename T>
+struct WmmaRing {
+  using Tile = WmmaTile<BR, Op::kKContig>;
+  static constexpr int BK = WmmaConfig::BK, NT = WmmaConfig::NT;
+  const Op& op;
+  T (*stage)[Tile::size];
+  int64_t r0;
+  bool async;
+  TileRegs<BR, BK, NT, T> regs;
+
+  __device__ __forceinline__ void copy(int s, int64_t k0, int tid) {
+    if constexpr (Op::kAsync) copy_tile_async<BR, BK, NT, Tile>(op, stage[s], r0, k0, tid);
+  }
+  __device__ __forceinline__ void fetch(int64_t k0, int tid) { fetch_tile(op, regs, r0, k0, tid); }
+  __device__ __forceinline__ void store(int s, int tid) {
+    store_tile<BR, BK, NT, !Op::kKContig, Tile::ld, Op::kKContig>(regs, stage[s], tid);
+  }
+};
+
+// At least 3 blocks (12 warps) per SM, so at most 168 registers: at 4 blocks (128 registers) the
+// dW kernels, which hold the ring's addresses beside the register-staged dZ tile (gelu's act'
+// and the row sums), spill; without a bound ptxas aims lower still. The cp.async ring, not more
+// resident warps, hides the global latency.
 template <typename T, class AOp, class BOp, class Epi>
-__global__ void __launch_bounds__(WmmaConfig::NT, 4)
+__global__ void __launch_bounds__(WmmaConfig::NT, 3)
     gemm_wmma_kernel(AOp a, BOp b, Epi epi, int64_t M, int64_t N, int64_t red, int64_t n_base, int64_t split_len) {
   using namespace nvcuda;
   using C = WmmaConfig;
   using TA = WmmaTile<C::BM, AOp::kKContig>;
   using TB = WmmaTile<C::BN, BOp::kKContig>;
   using Smem = WmmaSmem<T, TA, TB>;
-  constexpr int FM = C::WM / 16, FN = C::WN / 16;
+  constexpr int FM = C::WM / 16, FN = C::WN / 16, S = C::STAGES;
+  static_assert(S >= 2, "a ring of at least two stages");
   FB_SHARED_OBJECT(Smem, sm);
 
   const int tid = static_cast<int>(threadIdx.x);
@@ -633,43 +710,72 @@ __global__ void __launch_bounds__(WmmaConfig::NT, 4)
   const bool row_sums = kRowSums<AOp> && blockIdx.y == 0 && n_base == 0;  // uniform over the block
   float rs = 0.0f;
 
-  TileRegs<C::BM, C::BK, C::NT, T> ta;
-  TileRegs<C::BN, C::BK, C::NT, T> tb;
-  if (k_begin < k_end) {
-    fetch_tile(al, ta, m0, k_begin, tid);
-    fetch_tile(bl, tb, n0, k_begin, tid);
-  }
-  for (int64_t k0 = k_begin; k0 < k_end; k0 += C::BK) {
-    store_tile<C::BM, C::BK, C::NT, !AOp::kKContig, TA::ld, AOp::kKContig>(ta, sm.ab.a, tid);
-    store_tile<C::BN, C::BK, C::NT, !BOp::kKContig, TB::ld, BOp::kKContig>(tb, sm.ab.b, tid);
-    __syncthreads();
-    if (k0 + C::BK < k_end) {  // next tile's global loads overlap this tile's MMAs
-      fetch_tile(al, ta, m0, k0 + C::BK, tid);
-      fetch_tile(bl, tb, n0, k0 + C::BK, tid);
+  WmmaRing<C::BM, AOp, T> ra{al, sm.ab.a, m0, AOp::kAsync && al.vec, {}};
+  WmmaRing<C::BN, BOp, T> rb{bl, sm.ab.b, n0, BOp::kAsync && bl.vec, {}};
+  // Prologue: tiles 0 .. S-2 in flight (one commit group each, empty ones included, so that
+  // group g always holds tile g), tile 0 of a register-staged operand in place.
+#pragma unroll
+  for (int s = 0; s < S - 1; ++s) {
+    if (k_begin + s * C::BK < k_end) {
+      if (ra.async) ra.copy(s, k_begin + s * C::BK, tid);
+      if (rb.async) rb.copy(s, k_begin + s * C::BK, tid);
     }
+    FB_CP_ASYNC_COMMIT();
+  }
+  if (k_begin < k_end) {
+    if (!ra.async) ra.fetch(k_begin, tid);
+    if (!rb.async) rb.fetch(k_begin, tid);
+    if (!ra.async) ra.store(0, tid);
+    if (!rb.async) rb.store(0, tid);
+  }
+  int cur = 0;  // the stage of the tile at k0; the tile S - 1 steps ahead goes to the stage before it
+  for (int64_t k0 = k_begin; k0 < k_end; k0 += C::BK) {
+    FB_CP_ASYNC_WAIT(S - 2);  // this thread's copies of tile k0 have landed (S - 2 newer groups may fly)
+    // Everybody's copies and register stores of tile k0 are visible, and every warp is done with
+    // the previous tile, whose stage the next copy overwrites.
+    __syncthreads();
+    const int last = cur == 0 ? S - 1 : cur - 1;
+    if (k0 + (S - 1) * C::BK < k_end) {
+      if (ra.async) ra.copy(last, k0 + (S - 1) * C::BK, tid);
+      if (rb.async) rb.copy(last, k0 + (S - 1) * C::BK, tid);
+    }
+    FB_CP_ASYNC_COMMIT();
+    const bool more = k0 + C::BK < k_end;
+    const int next = cur == S - 1 ? 0 : cur + 1;
+    if (more) {  // the register-staged operands' next tile: global loads under this tile's MMAs
+      if (!ra.async) ra.fetch(k0 + C::BK, tid);
+      if (!rb.async) rb.fetch(k0 + C::BK, tid);
+    }
+    const T* As = sm.ab.a[cur];
+    const T* Bs = sm.ab.b[cur];
     if constexpr (kRowSums<AOp>) {
-      if (row_sums) add_row_sums<C::BM, C::BK, C::NT>(sm.ab.a, TA::ld, tid, rs);
+      if (row_sums) add_row_sums<C::BM, C::BK, C::NT>(As, TA::ld, tid, rs);
     }
 #pragma unroll
     for (int kk = 0; kk < C::BK; kk += 16) {
       wmma::fragment<wmma::matrix_a, 16, 16, 16, T, typename TA::a_layout> fa[FM];
       wmma::fragment<wmma::matrix_b, 16, 16, 16, T, typename TB::b_layout> fb[FN];
 #pragma unroll
-      for (int i = 0; i < FM; ++i) wmma::load_matrix_sync(fa[i], &sm.ab.a[TA::at(wm * C::WM + i * 16, kk)], TA::ld);
+      for (int i2 = 0; i2 < FM; ++i2) wmma::load_matrix_sync(fa[i2], &As[TA::at(wm * C::WM + i2 * 16, kk)], TA::ld);
 #pragma unroll
-      for (int j = 0; j < FN; ++j) wmma::load_matrix_sync(fb[j], &sm.ab.b[TB::at(wn * C::WN + j * 16, kk)], TB::ld);
+      for (int j = 0; j < FN; ++j) wmma::load_matrix_sync(fb[j], &Bs[TB::at(wn * C::WN + j * 16, kk)], TB::ld);
 #pragma unroll
-      for (int i = 0; i < FM; ++i)
+      for (int i2 = 0; i2 < FM; ++i2)
 #pragma unroll
-        for (int j = 0; j < FN; ++j) wmma::mma_sync(fc[i][j], fa[i], fb[j], fc[i][j]);
+        for (int j = 0; j < FN; ++j) wmma::mma_sync(fc[i2][j], fa[i2], fb[j], fc[i2][j]);
     }
-    __syncthreads();
+    if (more) {  // stage `next` was last read S - 1 steps ago, before this step's barrier
+      if (!ra.async) ra.store(next, tid);
+      if (!rb.async) rb.store(next, tid);
+    }
+    cur = next;
   }
+  FB_CP_ASYNC_WAIT(0);  // (only empty groups are left)
 
   if constexpr (kRowSums<AOp>) {
     if (row_sums) store_row_sums<C::BM, C::NT>(a, rs, m0, M, tid);
   }
-  // The operand tiles are dead (last barrier above): reuse their space for the accumulators.
+  __syncthreads();  // every warp is done with the ring: its space takes the accumulators
 #pragma unroll
   for (int i = 0; i < FM; ++i)
 #pragma unroll

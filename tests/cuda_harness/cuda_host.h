@@ -28,6 +28,9 @@
 //   __syncthreads, __syncwarp, __shfl_sync, __shfl_up_sync, __shfl_down_sync, __shfl_xor_sync,
 //   __ballot_sync, __any_sync, __all_sync, atomicAdd, atomicSub, atomicMax, atomicMin, atomicExch, atomicCAS
 //   __half, __nv_bfloat16 with __half2float, __float2half_rn, __bfloat162float, __float2bfloat16_rn
+//   cp.async as cp_async_16 / cp_async_commit / cp_async_wait (kernels.cuh's FB_CP_ASYNC_*): copies are
+//   queued per thread and performed only by the wait_group that completes their group, so reading
+//   a stage too early reads the 0xff fill or stale data; copies not waited for at exit abort.
 //   nvcuda::wmma: fragment<matrix_a|matrix_b|accumulator, 16, 16, 16, __half|__nv_bfloat16|float>,
 //   row_major / col_major, fill_fragment, load_matrix_sync, mma_sync, store_matrix_sync
 //   (mem_row_major / mem_col_major). The fragment's element-to-lane mapping is this harness's own:
@@ -49,6 +52,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <functional>
 #include <random>
 #include <sys/mman.h>
@@ -168,6 +172,13 @@ struct WarpReq {
   uint64_t result;
 };
 
+// A cp.async copy as issued: its 16 source bytes (read at issue, so ASan checks the source; the
+// kernels never write what they copy) and where they go when the group is performed.
+struct AsyncCopy {
+  void* dst;
+  unsigned char bytes[16];
+};
+
 struct Thread {
   ucontext_t ctx;
   void* sp = nullptr;  // saved stack pointer (asm switch)
@@ -180,6 +191,8 @@ struct Thread {
   int bar_line = 0;
   WarpReq* req = nullptr;
   void* fake_stack = nullptr;
+  std::vector<AsyncCopy> cp_open;                // cp.async copies issued since the last commit
+  std::deque<std::vector<AsyncCopy>> cp_groups;  // committed groups not yet performed, oldest first
 };
 
 struct Runtime {
@@ -253,6 +266,16 @@ inline void yield_to_scheduler(Thread* t, bool final = false) {
   (void)final;
 }
 
+// Out of line: fiber_entry never returns, so locals of its own would leave their ASan redzones
+// poisoned on the fiber stack that run_block reuses.
+__attribute__((noinline)) inline void check_cp_async_drained(const Thread* t) {
+  size_t unwaited = t->cp_open.size();
+  for (const auto& g : t->cp_groups) unwaited += g.size();
+  if (unwaited != 0)
+    fail("thread %d of block (%u,%u,%u) exits with %zu cp.async copies not waited for (cp.async.wait_group)",
+         t->linear, rt().block_idx.x, rt().block_idx.y, rt().block_idx.z, unwaited);
+}
+
 inline void fiber_entry() {
   Runtime& r = rt();
   Thread* t = r.cur;
@@ -260,6 +283,7 @@ inline void fiber_entry() {
   __sanitizer_finish_switch_fiber(nullptr, &r.sched_stack_bottom, &r.sched_stack_size);
 #endif
   (*r.body)();
+  check_cp_async_drained(t);
   t->state = State::Done;
   yield_to_scheduler(t, /*final=*/true);
   fail("an exited CUDA thread was resumed");
@@ -313,6 +337,7 @@ struct SharedAlloc {
   const void* key;
   void* ptr;
   size_t align;
+  size_t bytes;
 };
 
 inline std::vector<SharedAlloc>& shared_allocs() {
@@ -326,8 +351,15 @@ inline void* shared_block(const void* key, size_t bytes, size_t align) {
     if (a.key == key) return a.ptr;
   void* p = ::operator new(bytes, std::align_val_t(align));
   std::memset(p, 0xff, bytes);
-  shared_allocs().push_back(SharedAlloc{key, p, align});
+  shared_allocs().push_back(SharedAlloc{key, p, align, bytes});
   return p;
+}
+
+inline bool in_shared(const void* p, size_t n) {
+  const auto* c = static_cast<const char*>(p);
+  for (const SharedAlloc& a : shared_allocs())
+    if (c >= static_cast<const char*>(a.ptr) && c + n <= static_cast<const char*>(a.ptr) + a.bytes) return true;
+  return false;
 }
 
 inline void free_shared_blocks() {
@@ -346,6 +378,8 @@ inline void run_block(const std::function<void()>& body) {
     t.req = nullptr;
     t.bar_file = nullptr;
     t.fake_stack = nullptr;
+    t.cp_open.clear();
+    t.cp_groups.clear();
 #ifdef CUDA_HOST_ASM_SWITCH
     // initial frame popped by cuda_host_switch: mxcsr/fpu cw, r15..r12, rbx, rbp, return address
     auto* top = reinterpret_cast<uint64_t*>(
@@ -490,6 +524,40 @@ inline void syncthreads(const char* file, int line) {
   t->bar_file = file;
   t->bar_line = line;
   yield_to_scheduler(t);
+}
+
+// cp.async (kernels.cuh's FB_CP_ASYNC_*): copies are queued per thread at issue; commit closes
+// the open group; wait_group(n) performs this thread's oldest committed groups until at most n
+// are pending. Nothing else performs them -- not __syncthreads, not a later issue -- so a stage
+// read before the wait that completes its group reads the 0xff (NaN) fill or an older tile.
+inline void cp_async_16(void* dst, const void* src, bool full) {
+  Thread* t = cur();
+  if (reinterpret_cast<uintptr_t>(dst) % 16 != 0 || reinterpret_cast<uintptr_t>(src) % 16 != 0)
+    fail("cp.async: 16-byte copy %p <- %p is not 16-byte aligned", dst, src);
+  if (!in_shared(dst, 16)) fail("cp.async: destination %p is not inside a shared-memory block", dst);
+  AsyncCopy c;
+  c.dst = dst;
+  if (full) {
+    std::memcpy(c.bytes, src, 16);
+  } else {
+    std::memset(c.bytes, 0, 16);  // src-size 0: zero-fill, nothing read
+  }
+  t->cp_open.push_back(c);
+}
+
+inline void cp_async_commit() {
+  Thread* t = cur();
+  t->cp_groups.push_back(std::move(t->cp_open));
+  t->cp_open.clear();
+}
+
+inline void cp_async_wait(int n) {
+  Thread* t = cur();
+  if (n < 0) fail("cp.async.wait_group %d: a negative count", n);
+  while (t->cp_groups.size() > static_cast<size_t>(n)) {
+    for (const AsyncCopy& c : t->cp_groups.front()) std::memcpy(c.dst, c.bytes, 16);
+    t->cp_groups.pop_front();
+  }
 }
 
 inline void warp_collective(WarpReq& q) {

@@ -383,6 +383,24 @@ bool resolve(Options& o) {
   return true;
 }
 
+// Calls f.template operator()<T>() for the element type `dtype` names; false if this build has
+// none. HARNESS_ONLY_F32 / HARNESS_ONLY_F16 build one type (faster to compile; the mutation tests
+// use them: f32 for the FMA and shared kernels, f16 for the WMMA kernel).
+template <class F>
+bool with_dtype(const std::string& dtype, F&& f) {
+#if !defined(HARNESS_ONLY_F16)
+  if (dtype == "f32") return f.template operator()<float>(), true;
+#endif
+#if !defined(HARNESS_ONLY_F32) && !defined(HARNESS_ONLY_F16)
+  if (dtype == "f64") return f.template operator()<double>(), true;
+  if (dtype == "bf16") return f.template operator()<__nv_bfloat16>(), true;
+#endif
+#if !defined(HARNESS_ONLY_F32)
+  if (dtype == "f16") return f.template operator()<__half>(), true;
+#endif
+  return false;
+}
+
 // ---- harness self-tests ----------------------------------------------------------------------
 __global__ void order_kernel(int* log, int* pos) {
   log[atomicAdd(pos, 1)] = static_cast<int>(threadIdx.x);
@@ -439,6 +457,35 @@ __global__ void missing_sync_kernel(float* out) {
   s[threadIdx.x] = static_cast<float>(threadIdx.x);
   // no __syncthreads: reading a neighbour's slot races
   out[threadIdx.x] = s[(threadIdx.x + 1) % 64];
+}
+
+// cp.async (FB_CP_ASYNC_*): thread t copies 16-byte chunk t into slot t (group 1), chunk 64 + t
+// into slot 64 + t and zeros into slot 128 + t (group 2); seen[4t + i] records whether step i saw
+// what CUDA guarantees: nothing landed before a wait, wait_group(1) completes group 1 only, a
+// neighbour's copies are visible after its wait and a barrier, wait_group(0) lands the rest.
+__global__ void cp_async_kernel(const uint4* src, int* seen) {
+  CUDA_HOST_SHARED(uint4, s, 192);
+  const int t = static_cast<int>(threadIdx.x), u = (t + 1) % 64;
+  const auto same = [](const uint4& a, const uint4& b) { return a.x == b.x && a.y == b.y && a.z == b.z && a.w == b.w; };
+  const uint4 fill{~0u, ~0u, ~0u, ~0u}, zero{0u, 0u, 0u, 0u};
+  FB_CP_ASYNC_16(&s[t], &src[t], true);
+  FB_CP_ASYNC_COMMIT();
+  FB_CP_ASYNC_16(&s[64 + t], &src[64 + t], true);
+  FB_CP_ASYNC_16(&s[128 + t], &src[t], false);
+  FB_CP_ASYNC_COMMIT();
+  seen[4 * t] = same(s[t], fill) && same(s[64 + t], fill) && same(s[128 + t], fill);
+  FB_CP_ASYNC_WAIT(1);
+  seen[4 * t + 1] = same(s[t], src[t]) && same(s[64 + t], fill) && same(s[128 + t], fill);
+  __syncthreads();
+  seen[4 * t + 2] = same(s[u], src[u]);
+  FB_CP_ASYNC_WAIT(0);
+  seen[4 * t + 3] = same(s[64 + t], src[64 + t]) && same(s[128 + t], zero);
+}
+
+__global__ void cp_async_unwaited_kernel(const uint4* src) {
+  CUDA_HOST_SHARED(uint4, s, 64);
+  FB_CP_ASYNC_16(&s[threadIdx.x], &src[threadIdx.x], true);
+  FB_CP_ASYNC_COMMIT();  // and no wait_group before the thread exits
 }
 
 // Which output element each thread's epilogue calls write, in call order.
@@ -528,6 +575,18 @@ int run_selftest(const std::string& name) {
 #endif
     return ok ? 0 : 1;
   }
+  if (name == "cp-async") {
+    std::vector<uint4> src(128);
+    for (unsigned i = 0; i < 128; ++i) src[i] = uint4{i, 7 * i + 1, 0x12345678u ^ i, 3 * i};
+    std::vector<int> seen(256, 0);
+    cuda_host::launch(dim3(1), dim3(64), cp_async_kernel, static_cast<const uint4*>(src.data()), seen.data());
+    int wrong[4] = {};
+    for (int t = 0; t < 64; ++t)
+      for (int i = 0; i < 4; ++i) wrong[i] += seen[4 * t + i] == 0;
+    std::printf("cp.async: threads that saw a wrong slot: before any wait %d, after wait_group(1) %d, "
+                "neighbour after the barrier %d, after wait_group(0) %d\n", wrong[0], wrong[1], wrong[2], wrong[3]);
+    return wrong[0] + wrong[1] + wrong[2] + wrong[3] == 0 ? 0 : 1;
+  }
   if (name == "missing-sync") {
     // expected to be caught as a wrong result (reads of not-yet-written, NaN-filled slots)
     std::vector<float> out(64);
@@ -544,6 +603,10 @@ int run_selftest(const std::string& name) {
   else if (name == "divergent-shfl") cuda_host::launch(dim3(1), dim3(32), divergent_shfl_kernel, buf.data());
   else if (name == "local-oob") cuda_host::launch(dim3(1), dim3(32), local_oob_kernel, buf.data(), 9);
   else if (name == "shared-oob") cuda_host::launch(dim3(1), dim3(65), shared_oob_kernel, fbuf.data());
+  else if (name == "cp-async-unwaited") {
+    std::vector<uint4> src(64);
+    cuda_host::launch(dim3(1), dim3(64), cp_async_unwaited_kernel, static_cast<const uint4*>(src.data()));
+  }
   else {
     std::fprintf(stderr, "unknown selftest %s\n", name.c_str());
     return 2;
@@ -593,28 +656,17 @@ int main(int argc, char** argv) {
     }
   }
   if (o.plan) {
-    for (const auto& s : o.shapes) {
-      if (o.dtype == "f32") print_plans<float>(s[0], s[1], s[2]);
-#ifndef HARNESS_ONLY_F32
-      else if (o.dtype == "f64") print_plans<double>(s[0], s[1], s[2]);
-      else if (o.dtype == "f16") print_plans<__half>(s[0], s[1], s[2]);
-      else if (o.dtype == "bf16") print_plans<__nv_bfloat16>(s[0], s[1], s[2]);
-#endif
-      else return std::fprintf(stderr, "bad --dtype %s\n", o.dtype.c_str()), 2;
-    }
+    for (const auto& s : o.shapes)
+      if (!with_dtype(o.dtype, [&]<typename T>() { print_plans<T>(s[0], s[1], s[2]); }))
+        return std::fprintf(stderr, "bad --dtype %s\n", o.dtype.c_str()), 2;
     return 0;
   }
   if (!resolve(o)) return 2;
   std::printf("%s %s %s slope=%g bias=%d mask=%d%d%d pad=%" PRId64 " misalign=%d\n", o.dtype.c_str(),
               o.act.c_str(), o.mode.c_str(), o.slope, o.bias, o.mask[0], o.mask[1], o.mask[2], o.pad, o.misalign);
-  bool ok;
-  if (o.dtype == "f32") ok = run_all<float>(o);
-#ifndef HARNESS_ONLY_F32  // (a float32-only build compiles faster; the mutation tests use it)
-  else if (o.dtype == "f64") ok = run_all<double>(o);
-  else if (o.dtype == "f16") ok = run_all<__half>(o);
-  else if (o.dtype == "bf16") ok = run_all<__nv_bfloat16>(o);
-#endif
-  else return std::fprintf(stderr, "bad --dtype %s\n", o.dtype.c_str()), 2;
+  bool ok = false;
+  if (!with_dtype(o.dtype, [&]<typename T>() { ok = run_all<T>(o); }))
+    return std::fprintf(stderr, "bad --dtype %s\n", o.dtype.c_str()), 2;
   std::printf("%s (%llu kernel launches)\n", ok ? "PASS" : "FAIL", cuda_host::rt().launches);
   return ok ? 0 : 1;
 }
