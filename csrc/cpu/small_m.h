@@ -15,7 +15,7 @@
 // by mm + mm 157 us, one pass over the rows of W and dW 82 us). One thread: two waited for a
 // descheduled one on the shared machine (7 ms a call), and the row is memory-bound.
 //
-// A few rows (AVX-512: 2 <= M < 256 for the forward, < 1024 for the backward; AVX2: M < 16) of a
+// A few rows (2 <= M < 256 for the forward, < 1024 for the backward; see use_few_rows) of a
 // float layer too large for one thread take GEMMs that read W in place (few_rows_*, below), on
 // all threads, where MKL packs W in every call, which at a few rows costs as much as the multiply
 // (2x1024x1024 forward: addmm + relu 118 us, these 32 us; 128x1024x1024 training step 4.33 ms
@@ -142,37 +142,40 @@ class SerialBlas {
   int prev_;
 };
 
-// A few rows of a wider layer (float, 2 <= m < kTileMinRows, more than kSerialMacs, where the tile
-// GEMM runs): the GEMMs read W and the operands in place, each once per call, without packing.
-// The BLAS packs W in every call (and eager's addmm as well), which at a few rows costs as much
-// as the multiply; the tile GEMM packs it too, so it starts at kTileMinRows.
+// A few rows of a wider layer (float, more than kSerialMacs, where the tile GEMM runs; rows as
+// use_few_rows says): the GEMMs read W and the operands in place, each once per call, without
+// packing. The BLAS packs W in every call (and eager's addmm as well), which at a few rows costs
+// as much as the multiply; the tile GEMM packs it too, so it starts at kTileMinRows.
 //   forward  z = x·Wᵀ + b: dot_tile's dot products, kDotRows rows of x against kDotCols rows of W,
 //            the epilogue on strips of kStripCols columns of z while they are in cache
 //   dx = dz·W   InPlaceTileGemm, B = W's rows; threads split the columns of dx
 //   dW = dzᵀ·x  InPlaceTileGemm, A = dz read transposed, B = x's rows; threads split W's rows
-// Rows up to which these loops run. AVX-512: the forward below kTileMinRows, and only from K =
-// kDotMinK (at K = 64, four vector steps per dot product do not pay for its reduction: 128x64x64
-// took 1.05x the BLAS's time); the backward up to kFewRows, where the chunked backward's
-// multithreaded GEMMs pack W. AVX2: below 16 rows, where MKL's AVX2 GEMM, packing included,
-// overtakes the narrower tiles (one thread, AMD EPYC Zen 5 at AVX2, these loops / MKL: 4x1024x1024
-// 0.58 inference, 0.53 training; 16 rows 0.86 / 1.03; 32 rows 1.02 / 1.16; 128 rows 1.17 / 1.20).
+//
+// Where these loops run: the forward below kTileMinRows rows (the packed tile GEMM from there) and
+// from K = kDotMinK (at K = 64, four vector steps per dot product do not pay for its reduction:
+// 128x64x64 took 1.05x the BLAS's time); the backward below kFewRows (where the chunked backward's
+// multithreaded GEMMs pack W), at AVX2 only below 16 rows or for a W within half of L2: its 16
+// columns per tile read one cache line per row of a large W, and from 32 rows MKL's AVX2 GEMM,
+// packing included, was faster (one thread, AMD EPYC Zen 5 at AVX2, training step, these loops /
+// MKL at K = N = 1024: 8 rows 0.61, 16 rows 0.91, 32 rows 1.07, 128 rows 1.22; at 256: 0.86 at
+// 32 rows, 0.88 at 128, 0.93 at 512).
 constexpr int64_t kDotMinK = 128;
 #if defined(CPU_CAPABILITY_AVX512)
-constexpr int64_t kFewRowsForward = kTileMinRows, kFewRowsBackward = kFewRows;
+constexpr bool kBackwardAnyWeight = true;
+constexpr int kDotRows = 4, kDotCols = 4;  // 16 accumulators of the 32 zmm registers
 #else
-constexpr int64_t kFewRowsForward = 16, kFewRowsBackward = 16;
+constexpr bool kBackwardAnyWeight = false;
+// 12 of the 16 ymm; 2 x 4 (8 accumulators: two FMAs issued per cycle, 4 cycles each) ran at 60 %
+// of this rate (one thread at 128x1024x1024, AMD EPYC Zen 5)
+constexpr int kDotRows = 3, kDotCols = 4;
 #endif
 template <typename T>
 bool use_few_rows(bool forward, int64_t m, int64_t k, int64_t n) {
   return std::is_same_v<T, float> && kHaveTileGemm && m >= 2 && m * k * n > kSerialMacs && tile_gemm_enabled() &&
-         (forward ? m < kFewRowsForward && k >= kDotMinK : m < kFewRowsBackward);
+         (forward ? m < kTileMinRows && k >= kDotMinK
+                  : m < kFewRows && (kBackwardAnyWeight || m < 16 || n * k * 4 <= l2_cache_bytes() / 2));
 }
 
-#if defined(CPU_CAPABILITY_AVX512)
-constexpr int kDotRows = 4, kDotCols = 4;  // 16 accumulators of the 32 zmm registers
-#else
-constexpr int kDotRows = 2, kDotCols = 4;  // 8 of the 16 ymm
-#endif
 constexpr int64_t kStripCols = 4 * kDotCols;
 
 // z (m x n) = x · Wᵀ + b, then epi(j0, j1) for each strip of columns [j0, j1) of all rows, on all
