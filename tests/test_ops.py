@@ -328,11 +328,11 @@ def test_single_row(dtype, activation, slope, k, n):
     _check_every_saved_form(1, k, n, dtype, activation, slope)
 
 
-# A few rows of a wide layer (more than 2^18 multiply-adds): M against the dot tiles' 4 (AVX2: 2)
+# A few rows of a wide layer (more than 2^18 multiply-adds): M against the dot tiles' 4 (AVX2: 3)
 # rows and the tile GEMM's 6, N against groups of 4 rows of W, 16-column strips and 64-column
 # blocks, K against whole vectors and K < 128 (the forward takes the BLAS or the tile GEMM there);
-# at AVX-512 M >= 256 takes these loops for the backward only, at AVX2 only M < 16 takes them; the
-# last W is larger than L2.
+# M >= 256 takes these loops for the backward only (at AVX2 the backward only below 16 rows or for
+# a W within half of L2); the last W is larger than L2.
 FEW_ROWS_SHAPES = [(2, 1030, 129), (7, 131, 300), (13, 200, 1027), (255, 129, 67), (5, 64, 1000), (300, 64, 70),
                    (3, 1024, 1030)]
 
