@@ -142,6 +142,14 @@ class SerialBlas {
   int prev_;
 };
 
+// db (n) = the column sums of dz (m x n), accumulated in at::opmath_type<T> on this thread.
+template <typename T>
+void column_sums_into(T* db, const T* dz, int64_t m, int64_t n) {
+  std::vector<at::opmath_type<T>> sums(n, 0);
+  add_column_sums(sums.data(), dz, m, n);
+  std::copy(sums.begin(), sums.end(), db);
+}
+
 // A few rows of a wider layer (float, more than kSerialMacs, where the tile GEMM runs; rows as
 // use_few_rows says): the GEMMs read W and the operands in place, each once per call, without
 // packing. The BLAS packs W in every call (and eager's addmm as well), which at a few rows costs
@@ -173,7 +181,7 @@ template <typename T>
 bool use_few_rows(bool forward, int64_t m, int64_t k, int64_t n) {
   return std::is_same_v<T, float> && kHaveTileGemm && m >= 2 && m * k * n > kSerialMacs && tile_gemm_enabled() &&
          (forward ? m < kTileMinRows && k >= kDotMinK
-                  : m < kFewRows && (kBackwardAnyWeight || m < 16 || n * k * 4 <= l2_cache_bytes() / 2));
+                  : m < kFewRows && (kBackwardAnyWeight || m < 16 || n * k * int64_t(sizeof(float)) <= l2_cache_bytes() / 2));
 }
 
 constexpr int64_t kStripCols = 4 * kDotCols;
@@ -216,29 +224,18 @@ void few_rows_backward(const float* g, const float* x, const float* w, const flo
                        float a) {
   at::Tensor holder;
   float* dz = scratch<float>(holder, m * n);
-  const bool recompute = y == nullptr && sign_mask == nullptr;
-  const auto dz_strip = [&](int64_t j0, int64_t j1) {  // dz for columns [j0, j1): the rows of the mask are whole
-    for (int64_t i = 0; i < m; ++i) {
-      const int64_t at = i * n + j0;
-      if (sign_mask != nullptr) {
-        if constexpr (kSignDecides<A>) dz_from_sign_mask<float, A>(dz + at, g + at, sign_mask, at, j1 - j0, a);
-      } else {
-        form_dz<float, A>(dz + at, g + at, y != nullptr ? y + at : nullptr, nullptr, nullptr, 0, 1, j1 - j0, a);
+  if (y == nullptr && sign_mask == nullptr) {  // recompute: z into dz, then dz in place, strip by strip
+    few_rows_preact(x, w, b, dz, m, k, n, [&](int64_t j0, int64_t j1) {
+      for (int64_t i = 0; i < m; ++i) {
+        form_dz<float, A>(dz + i * n + j0, g + i * n + j0, nullptr, nullptr, nullptr, 0, 1, j1 - j0, a);
       }
-    }
-  };
-  if (recompute) {
-    few_rows_preact(x, w, b, dz, m, k, n, dz_strip);  // z into dz, then dz in place
+    });
   } else {
-    at::parallel_for(0, (n + kStripCols - 1) / kStripCols, elementwise_grain(m * kStripCols), [&](int64_t s0, int64_t s1) {
-      dz_strip(s0 * kStripCols, std::min(n, s1 * kStripCols));
+    at::parallel_for(0, m, elementwise_grain(n), [&](int64_t i0, int64_t i1) {
+      form_dz<float, A>(dz + i0 * n, g + i0 * n, y, sign_mask, nullptr, i0, i1 - i0, n, a);
     });
   }
-  if (db != nullptr) {
-    std::vector<float> sums(n, 0.f);
-    add_column_sums(sums.data(), dz, m, n);
-    std::copy(sums.begin(), sums.end(), db);
-  }
+  if (db != nullptr) column_sums_into(db, dz, m, n);
   using V = at::vec::Vectorized<float>;
   if (dx != nullptr) {
     const InPlaceTileGemm tg({{dz, n, w, k, n, /*b_trans=*/true}}, k);
@@ -292,11 +289,7 @@ bool small_backward(const T* g, const T* x, const T* w, const T* b, const T* y, 
     }
   }
   form_dz<T, A>(dz, g, y, sign_mask, nullptr, 0, m, n, a);
-  if (db != nullptr) {
-    std::vector<at::opmath_type<T>> sums(n, 0);
-    add_column_sums(sums.data(), dz, m, n);
-    for (int64_t j = 0; j < n; ++j) db[j] = static_cast<T>(sums[j]);
-  }
+  if (db != nullptr) column_sums_into(db, dz, m, n);
   if (row) {
     row_backward(dz, x, w, dx, dw, k, n);
     return true;
