@@ -914,7 +914,8 @@ def test_op_argument_errors():
 # and ptxas (both ship in the triton wheel) and read the resource report.
 # ------------------------------------------------------------------------------------------------
 
-AOT_SCRIPT = r"""
+# The helpers of the AOT compile (benchmarks/cuda_predict.py runs them too, read from this string).
+AOT_HELPERS = r"""
 import json, os, re, subprocess, sys, tempfile
 os.environ.pop("TRITON_INTERPRET", None)
 import triton, triton.language as tl
@@ -954,6 +955,14 @@ def heuristics(kernel, named):
 
 LOAD = re.compile(r"ld\.global[\w.:]*?(?:\.v(\d))?\.[bsuf](8|16|32|64)\b")
 CP_ASYNC = re.compile(r"cp\.async\.c[ag]\.shared\.global \[[^]]*\], \[[^]]*\], (0x[0-9a-f]+|\d+)")
+# Instructions counted in the PTX (benchmarks/cuda_predict.py's Triton rates read them): FMAs,
+# shared-memory loads to registers (and their bytes per thread), ldmatrix, mma.sync, and wgmma with
+# A from shared memory (a descriptor after the accumulators) or from registers, and their N.
+OPS = {"fma": r"\bfma\.rn\.f(?:32|64)\b", "ld_shared": r"\bld\.shared\b", "ldmatrix": r"\bldmatrix\b",
+       "mma_sync": r"\bmma\.sync\b", "wgmma_ss": r"\bwgmma\.mma_async\S* \{[^}]*\}, %rd",
+       "wgmma_rs": r"\bwgmma\.mma_async\S* \{[^}]*\}, \{"}
+LD_SHARED = re.compile(r"\bld\.shared(?:\.v(\d))?\.[bsuf](8|16|32|64)\b")
+WGMMA_N = re.compile(r"\bwgmma\.mma_async\.sync\.aligned\.m64n(\d+)k")
 
 # Compile the kernel as a launch at this shape compiles it: Triton specialises an int argument that
 # is 1 to a constant and one divisible by 16 with that divisibility, and the heuristics' constexprs
@@ -995,8 +1004,28 @@ def compile_report(kernel, ptrs, constexprs, cfg, arch, shape):
                 tc="wgmma" if "wgmma" in ptx else "mma" if "mma.sync" in ptx else "fma",
                 loads=sorted(loads), cp_async=sorted({int(n, 0) for n in CP_ASYNC.findall(ptx)}),
                 variant=K.spill_variant(ROLE.get(fn.__name__, "narrow"), consts),
-                align=[consts["ALIGN_K"], consts["ALIGN_N"]])
+                align=[consts["ALIGN_K"], consts["ALIGN_N"]],
+                ops={name: len(re.findall(p, ptx)) for name, p in OPS.items()},
+                ld_shared_bytes=sum(int(v or 1) * int(b) // 8 for v, b in LD_SHARED.findall(ptx)),
+                wgmma_n=sorted({int(n) for n in WGMMA_N.findall(ptx)}))
 
+def ptrs_of(role, dt, mask):
+    v = "u8" if mask else dt
+    return {"fwd": dict(x_ptr=dt, w_ptr=dt, b_ptr=dt, out_ptr=dt, preact_ptr=dt),
+            "dz": dict(x_ptr=dt, w_ptr=dt, b_ptr=dt, dy_ptr=dt, dz_ptr=dt),
+            "dx": dict(dy_ptr=dt, v_ptr=v, w_ptr=dt, dx_ptr=dt),
+            "dw": dict(dy_ptr=dt, v_ptr=v, x_ptr=dt, dw_ptr="fp32", db_ptr="fp32"),
+            "narrow": dict(dy_ptr=dt, v_ptr=v, x_ptr=dt, w_ptr=dt, b_ptr=dt, dx_ptr=dt, dw_ptr="fp32",
+                           db_ptr="fp32")}[role]
+
+FIXED = {"fwd": dict(HAS_BIAS=True), "dz": dict(HAS_BIAS=True), "dx": {}, "dw": dict(COMPUTE_DW=True, COMPUTE_DB=True),
+         "narrow": dict(HAS_BIAS=True, COMPUTE_DX=True, COMPUTE_DW=True, COMPUTE_DB=True)}
+KERNEL = {"fwd": K._linear_act_forward_kernel, "dz": K._linear_act_backward_dz_kernel,
+          "dx": K._linear_act_backward_dx_kernel, "dw": K._linear_act_backward_dw_kernel,
+          "narrow": K._linear_act_backward_narrow_kernel}
+"""
+
+AOT_SCRIPT = AOT_HELPERS + r"""
 every = sys.argv[1] == "all"
 shapes = sys.argv[2].split(",")  # names of SHAPES to compile
 only = sys.argv[3:]  # families to compile (default: all); "all" mode is split over processes this way
@@ -1013,20 +1042,6 @@ FIRST = {"fwd": ["sigmoid", "gelu", "gelu_tanh+z"], "dz": ["sigmoid", "gelu_tanh
          "narrow": ["sigmoid:output", "gelu_tanh:recompute", "relu:mask", "leaky_relu:mask", "relu:mask-bits",
                     "gelu_tanh:preact"]}
 
-def ptrs_of(role, dt, mask):
-    v = "u8" if mask else dt
-    return {"fwd": dict(x_ptr=dt, w_ptr=dt, b_ptr=dt, out_ptr=dt, preact_ptr=dt),
-            "dz": dict(x_ptr=dt, w_ptr=dt, b_ptr=dt, dy_ptr=dt, dz_ptr=dt),
-            "dx": dict(dy_ptr=dt, v_ptr=v, w_ptr=dt, dx_ptr=dt),
-            "dw": dict(dy_ptr=dt, v_ptr=v, x_ptr=dt, dw_ptr="fp32", db_ptr="fp32"),
-            "narrow": dict(dy_ptr=dt, v_ptr=v, x_ptr=dt, w_ptr=dt, b_ptr=dt, dx_ptr=dt, dw_ptr="fp32",
-                           db_ptr="fp32")}[role]
-
-FIXED = {"fwd": dict(HAS_BIAS=True), "dz": dict(HAS_BIAS=True), "dx": {}, "dw": dict(COMPUTE_DW=True, COMPUTE_DB=True),
-         "narrow": dict(HAS_BIAS=True, COMPUTE_DX=True, COMPUTE_DW=True, COMPUTE_DB=True)}
-KERNEL = {"fwd": K._linear_act_forward_kernel, "dz": K._linear_act_backward_dz_kernel,
-          "dx": K._linear_act_backward_dx_kernel, "dw": K._linear_act_backward_dw_kernel,
-          "narrow": K._linear_act_backward_narrow_kernel}
 # (M, N, K) of the launches compiled: every dimension a multiple of 16 (what kernels.SPILLS is
 # measured on), K or N a multiple of 8 only (Triton's own specialisation sees neither), both odd.
 SHAPES = {"div16": (4096, 4096, 4096), "k1000": (4096, 4096, 1000), "n1000": (4096, 1000, 4096),

@@ -128,11 +128,10 @@ _AUTO: dict[str, Backend] = {}  # "auto"'s choice per device type, found once
 
 
 def _find_auto(device: torch.device) -> Backend:
-    cuda = get("cuda")
-    if device.type == "cuda" and cuda is not None and cuda.supports(device):
-        from .auto_rule import cuda_auto  # per pass, dtype and size, between "cuda" and "torch"
+    if device.type == "cuda":
+        from .auto_rule import cuda_auto  # per pass, dtype and size, among "triton", "cuda" and "torch"
 
-        return cuda_auto(get)
+        return cuda_auto(get, device)
     found = [b for b in map(get, available_backends(device)) if b.auto_priority is not None
              and (b.auto_devices is None or device.type in b.auto_devices)]
     if not found:
