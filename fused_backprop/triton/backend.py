@@ -4,10 +4,9 @@
 
 Runs on CUDA tensors, and on CPU tensors only under the Triton interpreter (``TRITON_INTERPRET=1``
 set before triton is imported). Importing this module raises ImportError when triton is missing,
-which the backend registry reads as "not available". ``backend="auto"`` runs it on CUDA only where
-the CUDA kernels are not built (auto_priority=1, ahead of the torch backend's 10; with the CUDA
-kernels, ``backends/auto_rule.py`` picks between them and torch per pass, as predicted), never on
-the CPU.
+which the backend registry reads as "not available". On CUDA ``backend="auto"`` runs it for the
+passes where ``backends/auto_rule.py`` predicts it ahead of the CUDA kernels and eager, never on
+the CPU (auto_priority orders ``available_backends``).
 """
 
 from __future__ import annotations
