@@ -12,9 +12,9 @@
 //             dx_p  = dz_p · W                            GEMM on the cached panel
 //             dW   += dz_pᵀ · x_p                         per-thread accumulators (float, double);
 //                                                         16-bit: dz is kept, dW = dzᵀ·x is one GEMM
-// For float and double, a W larger than L2 (streamed once per panel) or few rows send both passes
-// to row chunks with multithreaded GEMMs instead (use_chunks; the bias joins in their epilogue). The forward (and the backward's
-// chunks) pack a float W once for all panels or chunks (SharedB in gemm.h). Our reductions have
+// For float and double, a W larger than L2 (streamed once per panel) or few rows (float where MKL
+// runs its own kernels: any number) send both passes to row chunks with multithreaded GEMMs
+// instead (use_chunks; the bias joins in their epilogue). The forward (and the backward's chunks) pack a float W once for all panels or chunks (SharedB in gemm.h). Our reductions have
 // a fixed order for a given thread count, so with a given BLAS the results are deterministic.
 #pragma once
 
@@ -65,11 +65,21 @@ int64_t panel_grain(int64_t rows, int64_t k, int64_t n) {
 // 32768 elements, so small passes stay on the calling thread.
 int64_t elementwise_grain(int64_t width) { return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(width, 1)); }
 
-// Row chunks with multithreaded GEMMs (instead of per-thread panels) when W outgrows L2, where
-// panels would stream W once each, and when there are too few rows for panels to beat one
-// multithreaded GEMM (measured at M <= 512, 256 <= K, N <= 1024: per-thread panels 1.01-1.15x
-// eager's time).
-bool use_chunks(int64_t m, int64_t weight_bytes) { return weight_bytes > l2_cache_bytes() || m <= kFewRows; }
+// Row chunks with multithreaded GEMMs (instead of per-thread panels) for float and double layers
+// when W outgrows L2, where panels would stream W once each, and when there are too few rows for
+// panels to beat one multithreaded GEMM (measured at M <= 512, 256 <= K, N <= 1024: per-thread
+// panels 1.01-1.15x eager's time). Float layers take chunks at every size where MKL runs its own
+// kernels (Intel; elsewhere the tile GEMM runs from kTileMinRows rows): on an Intel Xeon (AVX-512
+// + AMX, 2 cores), interleaved in one process, chunks / panels at 1025x256x256 forward 0.61,
+// training step 0.71; 2048x256x256 0.74 / 0.84; 8192x256x256 0.78 / 0.94; 16384x256x256 0.91 /
+// 0.99; 65536x64x64 0.85 / 0.99; 4096x128x128 0.92 / 0.97 (panels took 1.09-1.38x eager's
+// forward from 1025 to 8192 rows at K = N = 256). Double layers keep the panels there (16384x256x256:
+// panels 0.77x eager's forward, chunks 0.81x; 65536x64x64 0.64x against 0.80x).
+template <typename T>
+bool use_chunks(int64_t m, int64_t k, int64_t n) {
+  return n * k * int64_t(sizeof(T)) > l2_cache_bytes() || m <= kFewRows ||
+         (std::is_same_v<T, float> && !tile_gemm_enabled());
+}
 
 // Rows per panel. While W fits in L2, panels of about kPanelBytes (at most that, or 256 rows) keep
 // each panel's rows in cache between the GEMM and the elementwise work; their number is a multiple
@@ -160,7 +170,7 @@ void forward_kernel(const T* x, const T* w, const T* b, T* out, T* preact, int64
   if constexpr (std::is_same_v<T, float> && kHaveTileGemm) {
     if (use_tile_gemm(m, k)) return forward_tiles<A>(x, w, b, out, preact, m, k, n, a);
   }
-  if (!kReduced<T> && use_chunks(m, n * k * int64_t(sizeof(T)))) {
+  if (!kReduced<T> && use_chunks<T>(m, k, n)) {
     // One multithreaded GEMM per chunk of rows, then the epilogue on all threads while the chunk
     // is still in the last-level cache.
     const int64_t chunk = chunk_rows(m, n * int64_t(sizeof(T)));
@@ -331,7 +341,7 @@ template <typename T, Activation A>
 void backward_kernel(const T* g, const T* x, const T* w, const T* b, const T* y, const uint8_t* sign_mask,
                      int64_t m, int64_t k, int64_t n, T* dx, T* dw, T* db, at::opmath_type<T> a) {
   using acc_t = at::opmath_type<T>;
-  if (!kReduced<T> && use_chunks(m, n * k * int64_t(sizeof(T)))) {
+  if (!kReduced<T> && use_chunks<T>(m, k, n)) {
     return backward_chunked<T, A>(g, x, w, b, y, sign_mask, m, k, n, dx, dw, db, a);
   }
   const int64_t rows = panel_rows(m, (2 * n + k) * int64_t(sizeof(T)), n * k * int64_t(sizeof(T)));
