@@ -334,7 +334,7 @@ def test_single_row(dtype, activation, slope, k, n):
 # M >= 256 takes these loops for the backward only (at AVX2 the backward only below 16 rows or for
 # a W within half of L2); the last W is larger than L2.
 FEW_ROWS_SHAPES = [(2, 1030, 129), (7, 131, 300), (13, 200, 1027), (255, 129, 67), (5, 64, 1000), (300, 64, 70),
-                   (3, 1024, 1030)]
+                   (3, 1024, 1030), (8, 520, 1030)]  # the last: the forward's loops on Intel too (W > L2 / 2)
 
 
 @pytest.mark.parametrize("activation,slope", [("relu", 0.01), ("sigmoid", 0.01), ("gelu", 0.01)])

@@ -64,13 +64,22 @@ bool genuine_intel() {
 
 }  // namespace
 
+namespace {
+// FUSED_BACKPROP_TILE_GEMM: "0" or "1", else null (the CPU decides).
+const char* tile_gemm_override() {
+  const char* env = std::getenv("FUSED_BACKPROP_TILE_GEMM");
+  return env != nullptr && (std::strcmp(env, "0") == 0 || std::strcmp(env, "1") == 0) ? env : nullptr;
+}
+}  // namespace
+
 bool tile_gemm_enabled() {
-  static const bool enabled = [] {
-    const char* env = std::getenv("FUSED_BACKPROP_TILE_GEMM");
-    if (env != nullptr && (std::strcmp(env, "0") == 0 || std::strcmp(env, "1") == 0)) return env[0] == '1';
-    return !genuine_intel();
-  }();
+  static const bool enabled = tile_gemm_override() != nullptr ? tile_gemm_override()[0] == '1' : !genuine_intel();
   return enabled;
+}
+
+bool blas_by_default() {
+  static const bool by_default = tile_gemm_override() == nullptr && genuine_intel();
+  return by_default;
 }
 
 const Kernels& kernels() {

@@ -95,5 +95,8 @@ int64_t l3_cache_bytes();
 // instead of the BLAS: on CPUs other than Intel's, where MKL runs its AVX2 kernels. Read once;
 // FUSED_BACKPROP_TILE_GEMM=0 or 1 overrides it (for A/B measurements).
 bool tile_gemm_enabled();
+// Whether the choice was left to the CPU and MKL runs its own kernels here (Intel): then only the
+// few-rows forward of small_m.h leaves the BLAS (see use_few_rows).
+bool blas_by_default();
 
 }  // namespace fused_backprop::cpu

@@ -19,7 +19,8 @@
 // float layer too large for one thread take GEMMs that read W in place (few_rows_*, below), on
 // all threads, where MKL packs W in every call, which at a few rows costs as much as the multiply
 // (2x1024x1024 forward: addmm + relu 118 us, these 32 us; 128x1024x1024 training step 4.33 ms
-// against 2.14; AMD EPYC Zen 5, AVX-512, 2 threads).
+// against 2.14; AMD EPYC Zen 5, AVX-512, 2 threads); where MKL runs its own kernels (Intel) only the
+// forward of 4 to 64 rows of a W beyond half of L2.
 //
 // Part of kernels_impl.h (compiled per SIMD level): uses its preact_rows, act_rows, form_dz and scratch.
 #pragma once
@@ -177,11 +178,21 @@ constexpr bool kBackwardAnyWeight = false;
 // of this rate (one thread at 128x1024x1024, AMD EPYC Zen 5)
 constexpr int kDotRows = 3, kDotCols = 4;
 #endif
+// Where MKL runs its own kernels (Intel), its GEMMs beat these loops but in the forward of 4 to 64
+// rows with a W of at least half of L2, which MKL packs in every call (Intel Xeon, AVX-512 + AMX,
+// 2 threads, interleaved, fused/eager forward by the loops / by MKL: K = N = 1024 at 4-32 rows
+// 0.55-0.66 / 0.85-0.91, 64 rows 0.90 / 0.95, 128 rows 1.00 / 0.95; 32x512x512 0.63 / 0.87; 2 rows,
+// or W in L2, no gain); their backward took 1.0-1.85x eager's training step there from 8 rows.
+constexpr int64_t kBlasFewRowsMin = 4, kBlasFewRowsMax = 64;
 template <typename T>
 bool use_few_rows(bool forward, int64_t m, int64_t k, int64_t n) {
-  return std::is_same_v<T, float> && kHaveTileGemm && m >= 2 && m * k * n > kSerialMacs && tile_gemm_enabled() &&
-         (forward ? m < kTileMinRows && k >= kDotMinK
-                  : m < kFewRows && (kBackwardAnyWeight || m < 16 || n * k * int64_t(sizeof(float)) <= l2_cache_bytes() / 2));
+  if (!(std::is_same_v<T, float> && kHaveTileGemm && m >= 2 && m * k * n > kSerialMacs)) return false;
+  const int64_t weight_bytes = n * k * int64_t(sizeof(float));
+  if (blas_by_default()) {
+    return forward && m >= kBlasFewRowsMin && m <= kBlasFewRowsMax && k >= kDotMinK && weight_bytes >= l2_cache_bytes() / 2;
+  }
+  return tile_gemm_enabled() && (forward ? m < kTileMinRows && k >= kDotMinK
+                                         : m < kFewRows && (kBackwardAnyWeight || m < 16 || weight_bytes <= l2_cache_bytes() / 2));
 }
 
 constexpr int64_t kStripCols = 4 * kDotCols;
