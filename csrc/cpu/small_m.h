@@ -178,12 +178,19 @@ constexpr bool kBackwardAnyWeight = false;
 // of this rate (one thread at 128x1024x1024, AMD EPYC Zen 5)
 constexpr int kDotRows = 3, kDotCols = 4;
 #endif
-// Where MKL runs its own kernels (Intel), its GEMMs beat these loops but in the forward of 4 to 64
-// rows with a W of at least half of L2, which MKL packs in every call (Intel Xeon, AVX-512 + AMX,
-// 2 threads, interleaved, fused/eager forward by the loops / by MKL: K = N = 1024 at 4-32 rows
-// 0.55-0.66 / 0.85-0.91, 64 rows 0.90 / 0.95, 128 rows 1.00 / 0.95; 32x512x512 0.63 / 0.87; 2 rows,
-// or W in L2, no gain); their backward took 1.0-1.85x eager's training step there from 8 rows.
-constexpr int64_t kBlasFewRowsMin = 4, kBlasFewRowsMax = 64;
+// Where MKL runs its own kernels (Intel), its GEMMs beat these loops but in the forward of 4 to
+// kBlasFewRowsMax rows with a W of at least half of L2, which MKL packs in every call (Intel Xeon,
+// AVX-512 + AMX, 2 threads, interleaved, fused/eager forward by the loops / by MKL: K = N = 1024
+// at 4-32 rows 0.55-0.66 / 0.85-0.91, 64 rows 0.90 / 0.95, 128 rows 1.00 / 0.95; 32x512x512 0.63 /
+// 0.87; 2 rows, or W in L2, no gain; at AVX2, against MKL's AVX-512 kernels, 4-16 rows 0.60-0.73,
+// 32 rows 0.91-0.99, 64 rows 1.17-1.20 by the loops); their backward took 1.0-1.85x eager's
+// training step there from 8 rows.
+constexpr int64_t kBlasFewRowsMin = 4;
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int64_t kBlasFewRowsMax = 64;
+#else
+constexpr int64_t kBlasFewRowsMax = 16;
+#endif
 template <typename T>
 bool use_few_rows(bool forward, int64_t m, int64_t k, int64_t n) {
   if (!(std::is_same_v<T, float> && kHaveTileGemm && m >= 2 && m * k * n > kSerialMacs)) return false;
