@@ -62,14 +62,12 @@ bool genuine_intel() {
 #endif
 }
 
-}  // namespace
-
-namespace {
 // FUSED_BACKPROP_TILE_GEMM: "0" or "1", else null (the CPU decides).
 const char* tile_gemm_override() {
   const char* env = std::getenv("FUSED_BACKPROP_TILE_GEMM");
   return env != nullptr && (std::strcmp(env, "0") == 0 || std::strcmp(env, "1") == 0) ? env : nullptr;
 }
+
 }  // namespace
 
 bool tile_gemm_enabled() {

@@ -14,8 +14,9 @@
 //                                                         16-bit: dz is kept, dW = dzᵀ·x is one GEMM
 // For float and double, a W larger than L2 (streamed once per panel) or few rows (float where MKL
 // runs its own kernels: any number) send both passes to row chunks with multithreaded GEMMs
-// instead (use_chunks; the bias joins in their epilogue). The forward (and the backward's chunks) pack a float W once for all panels or chunks (SharedB in gemm.h). Our reductions have
-// a fixed order for a given thread count, so with a given BLAS the results are deterministic.
+// instead (use_chunks; the bias joins in their epilogue). The forward (and the backward's chunks)
+// pack a float W once for all panels or chunks (SharedB in gemm.h). Our reductions have a fixed
+// order for a given thread count, so with a given BLAS the results are deterministic.
 #pragma once
 
 #if !defined(CPU_CAPABILITY)
