@@ -226,8 +226,8 @@ TRITON_PEAK = {"f32": PEAK["f32"], "f64": PEAK["f64_tc"], "f16": PEAK["f16"], "b
 #   pipeline without warp specialisation (the math warps issue the cp.async copies and wait on them).
 TRITON_EFF = {"f32": 0.45, "f64": 0.45}
 WGMMA_OVERLAP = 0.60
-# Host time per call, which the GPU work hides only when it is longer (measured here on the shared
-# 2-core AMD EPYC at nice 19, and Triton's own JIT dispatch as its maintainers measure it):
+# Host time per call, which the GPU work hides only when it is longer (measured on the shared
+# 2-core Intel Xeon development machine at nice 19, and Triton's own JIT dispatch as its maintainers measure it):
 # a torch.library.custom_op call 11 µs; an autotuned launch 25 µs (tune_key 7.5, the heuristics'
 # constexprs 3, JITFunction.run 12 (meta-pytorch/tritonbench#1002: ~11 µs; facebookexperimental/
 # triton#1231: ~12.5 µs for 19 arguments), output allocation and the wrapper 2.5); a plain launch
