@@ -188,11 +188,15 @@ ULP_BOUNDS = {
 _ULP_FLOOR = 2.0 ** -10
 
 
+def _ulps(want64, dtype):
+    """The ULP of `dtype` at each value of want64 (or at _ULP_FLOOR below it), in float64."""
+    scale = want64.abs().clamp_min(_ULP_FLOOR).to(dtype)
+    return (torch.nextafter(scale, torch.tensor(float("inf"), dtype=dtype)) - scale).double()
+
+
 def _ulp_error(got, want64, dtype=torch.float32):
     """Largest |got - want64| in ULP of `dtype` (of the exact value, or of _ULP_FLOOR below it)."""
-    scale = want64.abs().clamp_min(_ULP_FLOOR).to(dtype)
-    ulp = (torch.nextafter(scale, torch.tensor(float("inf"), dtype=dtype)) - scale).double()
-    return ((got.double() - want64).abs() / ulp).max().item()
+    return ((got.double() - want64).abs() / _ulps(want64, dtype)).max().item()
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b in ("cpu", "numpy")])
@@ -243,7 +247,8 @@ def test_float64_ulp_error(activation, slope):
     errors = (_ulp_error(y, want.detach(), torch.float64), _ulp_error(dx, dwant, torch.float64))
     for name, err, bound in zip(("forward", "act'"), errors, ULP_BOUNDS_64[activation]):
         if name == "forward" and err > bound:  # then within bound of the correctly rounded value
-            name, err, bound = "forward from the exact value", _ulp_error_from_exact(y, x, activation, slope, bound), bound + 0.5
+            name, err, bound = ("forward from the exact value", _ulp_error_from_exact(y, x, want.detach(), activation, slope,
+                                                                                      bound), bound + 0.5)
         if name == "act'" and err > bound and activation in _BACKWARD_FROM_OUTPUT:  # torch's formula at our y
             name, err = "act' from the output", _ulp_error(dx, _BACKWARD_FROM_OUTPUT[activation](torch.ones_like(y), y),
                                                            torch.float64)
@@ -267,12 +272,10 @@ _EXACT = {"relu": lambda z, a: max(z, 0), "leaky_relu": lambda z, a: z if z >= 0
 _BACKWARD_FROM_OUTPUT = {"tanh": torch.ops.aten.tanh_backward, "sigmoid": torch.ops.aten.sigmoid_backward}
 
 
-def _ulp_error_from_exact(y, z, activation, slope, bound):
+def _ulp_error_from_exact(y, z, want, activation, slope, bound):
     """Largest float64 ULP error of y = act(z) from the exact value at the points where y is more
-    than ``bound`` ULP from torch's float64 function (computed in 100-bit arithmetic)."""
-    want = TORCH_FUNCTIONS[activation](z, slope)
-    scale = want.abs().clamp_min(_ULP_FLOOR)
-    ulp = torch.nextafter(scale, torch.tensor(float("inf"), dtype=torch.float64)) - scale
+    than ``bound`` ULP from ``want``, torch's float64 act(z) (computed in 100-bit arithmetic)."""
+    ulp = _ulps(want, torch.float64)
     far = ((y - want).abs() / ulp > bound).nonzero()
     with mpmath.workprec(100):
         return max(float(abs(mpmath.mpf(y[i, j].item()) - _EXACT[activation](mpmath.mpf(z[i, j].item()), slope)))

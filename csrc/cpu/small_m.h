@@ -172,11 +172,13 @@ constexpr int64_t kDotMinK = 128;
 #if defined(CPU_CAPABILITY_AVX512)
 constexpr bool kBackwardAnyWeight = true;
 constexpr int kDotRows = 4, kDotCols = 4;  // 16 accumulators of the 32 zmm registers
+constexpr int64_t kBlasFewRowsMax = 64;    // use_few_rows, below
 #else
 constexpr bool kBackwardAnyWeight = false;
 // 12 of the 16 ymm; 2 x 4 (8 accumulators: two FMAs issued per cycle, 4 cycles each) ran at 60 %
 // of this rate (one thread at 128x1024x1024, AMD EPYC Zen 5)
 constexpr int kDotRows = 3, kDotCols = 4;
+constexpr int64_t kBlasFewRowsMax = 16;
 #endif
 // Where MKL runs its own kernels (Intel), its GEMMs beat these loops but in the forward of 4 to
 // kBlasFewRowsMax rows with a W of at least half of L2, which MKL packs in every call (Intel Xeon,
@@ -186,11 +188,6 @@ constexpr int kDotRows = 3, kDotCols = 4;
 // 32 rows 0.91-0.99, 64 rows 1.17-1.20 by the loops); their backward took 1.0-1.85x eager's
 // training step there from 8 rows.
 constexpr int64_t kBlasFewRowsMin = 4;
-#if defined(CPU_CAPABILITY_AVX512)
-constexpr int64_t kBlasFewRowsMax = 64;
-#else
-constexpr int64_t kBlasFewRowsMax = 16;
-#endif
 template <typename T>
 bool use_few_rows(bool forward, int64_t m, int64_t k, int64_t n) {
   if (!(std::is_same_v<T, float> && kHaveTileGemm && m >= 2 && m * k * n > kSerialMacs)) return false;
