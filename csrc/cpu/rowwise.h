@@ -16,6 +16,7 @@
 #include <cmath>
 #include <cstring>
 #include <tuple>
+#include <utility>
 #include <type_traits>
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
 #include <immintrin.h>
@@ -28,23 +29,30 @@ namespace fused_backprop::cpu::CPU_CAPABILITY {
 
 #if !defined(CPU_CAPABILITY_AVX2) && !defined(CPU_CAPABILITY_AVX512)
 inline constexpr bool kPortableMath = true;
-// The DEFAULT level's exp, erf and double tanh: portable_math.h's, on a Vectorized's lanes 16
-// bytes at a time (at::vec's call libm once per lane there).
-template <typename T, typename F>
-inline at::vec::Vectorized<T> on_portable(at::vec::Vectorized<T> v, F f) {
+// The DEFAULT level's math: f (portable_math.h's exp, erf, double tanh, and the selects of
+// VecMath) on Vectorized lanes 16 bytes at a time. at::vec's DEFAULT Vectorized calls libm once
+// per lane for exp, erf and tanh, and takes its maximum and blendv lane by lane through memory.
+template <typename T, typename F, typename... Rest>
+FB_HOST_DEVICE at::vec::Vectorized<T> on_portable(F f, at::vec::Vectorized<T> v, Rest... rest) {
   using V = at::vec::Vectorized<T>;
   using P = std::conditional_t<std::is_same_v<T, float>, portable::f4, portable::d2>;
   constexpr int kLanes = sizeof(P) / sizeof(T);
   static_assert(V::size() % kLanes == 0);
-  alignas(16) T lanes[V::size()];
-  v.store(lanes);
+  alignas(16) T lanes[1 + sizeof...(Rest)][V::size()];
+  v.store(lanes[0]);
+  int k = 1;
+  ((rest.store(lanes[k++])), ...);
+  auto part = [&](int r, int i) {
+    P p;
+    std::memcpy(&p, lanes[r] + i, sizeof p);
+    return p;
+  };
   for (int i = 0; i < V::size(); i += kLanes) {
-    P part;
-    std::memcpy(&part, lanes + i, sizeof part);
-    part = f(part);
-    std::memcpy(lanes + i, &part, sizeof part);
+    const P out = [&]<size_t... R>(std::index_sequence<R...>) { return f(part(0, i), part(1 + R, i)...); }(
+        std::index_sequence_for<Rest...>{});
+    std::memcpy(lanes[0] + i, &out, sizeof out);
   }
-  return V::loadu(lanes);
+  return V::loadu(lanes[0]);
 }
 #else
 inline constexpr bool kPortableMath = false;
@@ -61,16 +69,16 @@ inline constexpr bool kPortableMath = false;
 // Cephes' 0.27 and Sleef's 0.33. AVX2: a quartic, and 2^k as two exponent-built factors (each a
 // normal float), so denormal results are rounded once and overflow gives inf.
 template <typename V>
-inline V vec_exp(V v) {
+FB_HOST_DEVICE V vec_exp(V v) {
   if constexpr (kPortableMath) {
-    return on_portable(v, [](auto part) { return portable::exp(part); });
+    return on_portable([](auto p) [[gnu::always_inline]] { return portable::exp(p); }, v);
   } else {
     return v.exp();
   }
 }
 
 #if defined(CPU_CAPABILITY_AVX512)
-inline at::vec::Vectorized<float> vec_exp(at::vec::Vectorized<float> v) {
+FB_HOST_DEVICE at::vec::Vectorized<float> vec_exp(at::vec::Vectorized<float> v) {
   auto c = [](float f) { return _mm512_set1_ps(f); };
   auto lookup = [](const float* table, __m512i j) {  // table[j mod 32]
     return _mm512_permutex2var_ps(_mm512_load_ps(table), j, _mm512_load_ps(table + 16));
@@ -92,7 +100,7 @@ inline at::vec::Vectorized<float> vec_exp(at::vec::Vectorized<float> v) {
   return _mm512_scalef_ps(_mm512_fmadd_ps(t, q, t), _mm512_mul_ps(n, c(1.f / 32)));
 }
 #elif defined(CPU_CAPABILITY_AVX2)
-inline at::vec::Vectorized<float> vec_exp(at::vec::Vectorized<float> v) {
+FB_HOST_DEVICE at::vec::Vectorized<float> vec_exp(at::vec::Vectorized<float> v) {
   auto c = [](float f) { return _mm256_set1_ps(f); };
   // The 8-entry tables are every fourth entry of the 32-entry ones: 2^(j/8) = 2^(4j/32).
   auto table8 = [](const float* t) { return _mm256_setr_ps(t[0], t[4], t[8], t[12], t[16], t[20], t[24], t[28]); };
@@ -128,9 +136,9 @@ inline at::vec::Vectorized<float> vec_exp(at::vec::Vectorized<float> v) {
 // element on AMD EPYC AVX-512). ±0, ±inf and NaN come out as tanh's. double: at::vec's (Sleef).
 // At DEFAULT portable_math.h's (for float the same formula).
 template <typename V>
-inline V vec_tanh(V z) {
+FB_HOST_DEVICE V vec_tanh(V z) {
   if constexpr (kPortableMath) {
-    return on_portable(z, [](auto part) { return portable::tanh(part); });
+    return on_portable([](auto p) [[gnu::always_inline]] { return portable::tanh(p); }, z);
   } else if constexpr (std::is_same_v<typename V::value_type, float>) {
     const V ax = z.abs(), z2 = z * z;
     V p = at::vec::fmadd(V(kTanhSmallFloat[0]), z2, V(kTanhSmallFloat[1]));
@@ -146,28 +154,47 @@ inline V vec_tanh(V z) {
 // erf(v), SIMD-wide: ATen's own at AVX2 and AVX-512 (for float its polynomial: what F.gelu runs
 // at the same level), portable_math.h's at DEFAULT.
 template <typename V>
-inline V vec_erf(V v) {
+FB_HOST_DEVICE V vec_erf(V v) {
   if constexpr (kPortableMath) {
-    return on_portable(v, [](auto part) { return portable::erf(part); });
+    return on_portable([](auto p) [[gnu::always_inline]] { return portable::erf(p); }, v);
   } else {
     return v.erf();
   }
 }
 
+// relu, step and where_positive give what at::vec's maximum, le and blendv give (relu(-0) = +0,
+// NaN propagated as torch.relu; step(NaN) = 1; where_positive(NaN, p, q) = q).
 struct VecMath {
-  // at::vec::maximum propagates NaN, like torch.relu.
   template <typename V>
-  static V relu(V z) { return at::vec::maximum(z, V(0)); }
+  static FB_HOST_DEVICE V relu(V z) {
+    if constexpr (kPortableMath) {
+      return on_portable([](auto p) [[gnu::always_inline]] { return portable::select(p <= 0, decltype(p){}, p); }, z);
+    } else {
+      return at::vec::maximum(z, V(0));
+    }
+  }
   template <typename V>
-  static V step(V v) { return V(1) - v.le(V(0)); }
+  static FB_HOST_DEVICE V step(V v) {
+    if constexpr (kPortableMath) {
+      return on_portable([](auto p) [[gnu::always_inline]] { return portable::select(p <= 0, decltype(p){}, decltype(p){} + 1); }, v);
+    } else {
+      return V(1) - v.le(V(0));
+    }
+  }
   template <typename V>
-  static V where_positive(V v, V p, V q) { return V::blendv(q, p, v > V(0)); }
+  static FB_HOST_DEVICE V where_positive(V v, V p, V q) {
+    if constexpr (kPortableMath) {
+      return on_portable([](auto v, auto p, auto q) [[gnu::always_inline]] { return portable::select(v > 0, p, q); }, v, p, q);
+    } else {
+      return V::blendv(q, p, v > V(0));
+    }
+  }
   template <typename V>
-  static V exp(V v) { return vec_exp(v); }
+  static FB_HOST_DEVICE V exp(V v) { return vec_exp(v); }
   template <typename V>
-  static V tanh(V v) { return vec_tanh(v); }
+  static FB_HOST_DEVICE V tanh(V v) { return vec_tanh(v); }
   template <typename V>
-  static V erf(V v) { return vec_erf(v); }
+  static FB_HOST_DEVICE V erf(V v) { return vec_erf(v); }
 };
 
 // bfloat16 and float16: stored 16-bit, computed in float.
