@@ -16,7 +16,6 @@
 #include <cmath>
 #include <cstring>
 #include <tuple>
-#include <utility>
 #include <type_traits>
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
 #include <immintrin.h>
@@ -38,21 +37,20 @@ FB_HOST_DEVICE at::vec::Vectorized<T> on_portable(F f, at::vec::Vectorized<T> v,
   using P = std::conditional_t<std::is_same_v<T, float>, portable::f4, portable::d2>;
   constexpr int kLanes = sizeof(P) / sizeof(T);
   static_assert(V::size() % kLanes == 0);
-  alignas(16) T lanes[1 + sizeof...(Rest)][V::size()];
-  v.store(lanes[0]);
-  int k = 1;
-  ((rest.store(lanes[k++])), ...);
-  auto part = [&](int r, int i) {
+  // The 16 bytes at lane i of w (the stores of w that repeat across i are the compiler's to merge).
+  auto part = [](V w, int i) __attribute__((always_inline)) {
+    alignas(16) T lanes[V::size()];
+    w.store(lanes);
     P p;
-    std::memcpy(&p, lanes[r] + i, sizeof p);
+    std::memcpy(&p, lanes + i, sizeof p);
     return p;
   };
+  alignas(16) T out[V::size()];
   for (int i = 0; i < V::size(); i += kLanes) {
-    const P out = [&]<size_t... R>(std::index_sequence<R...>) { return f(part(0, i), part(1 + R, i)...); }(
-        std::index_sequence_for<Rest...>{});
-    std::memcpy(lanes[0] + i, &out, sizeof out);
+    const P result = f(part(v, i), part(rest, i)...);
+    std::memcpy(out + i, &result, sizeof result);
   }
-  return V::loadu(lanes[0]);
+  return V::loadu(out);
 }
 #else
 inline constexpr bool kPortableMath = false;
@@ -71,7 +69,7 @@ inline constexpr bool kPortableMath = false;
 template <typename V>
 FB_HOST_DEVICE V vec_exp(V v) {
   if constexpr (kPortableMath) {
-    return on_portable([](auto p) [[gnu::always_inline]] { return portable::exp(p); }, v);
+    return on_portable([](auto p) __attribute__((always_inline)) { return portable::exp(p); }, v);
   } else {
     return v.exp();
   }
@@ -138,7 +136,7 @@ FB_HOST_DEVICE at::vec::Vectorized<float> vec_exp(at::vec::Vectorized<float> v) 
 template <typename V>
 FB_HOST_DEVICE V vec_tanh(V z) {
   if constexpr (kPortableMath) {
-    return on_portable([](auto p) [[gnu::always_inline]] { return portable::tanh(p); }, z);
+    return on_portable([](auto p) __attribute__((always_inline)) { return portable::tanh(p); }, z);
   } else if constexpr (std::is_same_v<typename V::value_type, float>) {
     const V ax = z.abs(), z2 = z * z;
     V p = at::vec::fmadd(V(kTanhSmallFloat[0]), z2, V(kTanhSmallFloat[1]));
@@ -156,7 +154,7 @@ FB_HOST_DEVICE V vec_tanh(V z) {
 template <typename V>
 FB_HOST_DEVICE V vec_erf(V v) {
   if constexpr (kPortableMath) {
-    return on_portable([](auto p) [[gnu::always_inline]] { return portable::erf(p); }, v);
+    return on_portable([](auto p) __attribute__((always_inline)) { return portable::erf(p); }, v);
   } else {
     return v.erf();
   }
@@ -168,7 +166,7 @@ struct VecMath {
   template <typename V>
   static FB_HOST_DEVICE V relu(V z) {
     if constexpr (kPortableMath) {
-      return on_portable([](auto p) [[gnu::always_inline]] { return portable::select(p <= 0, decltype(p){}, p); }, z);
+      return on_portable([](auto p) __attribute__((always_inline)) { return portable::select(p <= 0, decltype(p){}, p); }, z);
     } else {
       return at::vec::maximum(z, V(0));
     }
@@ -176,7 +174,7 @@ struct VecMath {
   template <typename V>
   static FB_HOST_DEVICE V step(V v) {
     if constexpr (kPortableMath) {
-      return on_portable([](auto p) [[gnu::always_inline]] { return portable::select(p <= 0, decltype(p){}, decltype(p){} + 1); }, v);
+      return on_portable([](auto p) __attribute__((always_inline)) { return portable::select(p <= 0, decltype(p){}, decltype(p){} + 1); }, v);
     } else {
       return V(1) - v.le(V(0));
     }
@@ -184,7 +182,7 @@ struct VecMath {
   template <typename V>
   static FB_HOST_DEVICE V where_positive(V v, V p, V q) {
     if constexpr (kPortableMath) {
-      return on_portable([](auto v, auto p, auto q) [[gnu::always_inline]] { return portable::select(v > 0, p, q); }, v, p, q);
+      return on_portable([](auto v, auto p, auto q) __attribute__((always_inline)) { return portable::select(v > 0, p, q); }, v, p, q);
     } else {
       return V::blendv(q, p, v > V(0));
     }
