@@ -343,3 +343,18 @@ def test_few_rows(activation, slope, m, k, n):
     """2 <= M < 1024 rows of a float layer too large for one thread take small_m.h's GEMMs that read
     W in place where the tile GEMM is on (the BLAS elsewhere)."""
     _check_every_saved_form(m, k, n, torch.float32, activation, slope)
+
+
+# The tile GEMM's two ways of sharing out the work (csrc/cpu/kernels_impl.h, tiles_parallel): column
+# blocks per thread where x fits in half of L2 and the blocks (64 columns at AVX512, 16 at AVX2)
+# share out evenly, else W packed first and rows per thread. N = 67 is 2 blocks at AVX512 and 5 at
+# AVX2, N = 192 is 3 and 12; at K = 1100, 300 rows of x (1.3 MB) are beyond half of a 2 MiB L2.
+TILE_SHAPES = [(257, 70, 67), (300, 40, 192), (300, 1100, 70)]
+
+
+@pytest.mark.parametrize("activation,slope", [("relu", 0.01), ("sigmoid", 0.01)])
+@pytest.mark.parametrize("m,k,n", TILE_SHAPES, ids=lambda v: str(v))
+def test_tile_gemm_work_sharing(activation, slope, m, k, n):
+    """M >= 256 rows of a float layer take the tile GEMM where it is on (the BLAS elsewhere), with
+    either way of sharing it out among the threads."""
+    _check_every_saved_form(m, k, n, torch.float32, activation, slope)

@@ -150,19 +150,39 @@ void tile_rows_parallel(int64_t r0, int64_t r1, int64_t k_all, int64_t n, const 
   });
 }
 
+// Rows [r0, r1) of tg's C through epi, on all threads, tg packed here. Where A's rows fit in half
+// of L2 and tg's column blocks share out evenly, each thread packs the blocks it computes and runs
+// all the rows on them: no thread waits for the packing, and the packed lines stay in the cache of
+// the core that reads them. Otherwise B is packed first and the threads split the rows, each
+// reading all of it (the other threads' blocks from their caches: at 256x256x256 this forward
+// took 1.13-1.40x eager's time on AMD EPYC Zen 4, AVX2, in one run against 0.97x unfused).
+template <typename Epi>
+void tiles_parallel(TileGemm& tg, int64_t r0, int64_t r1, int64_t n, const Epi& epi) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads()), blocks = tg.blocks();
+  if (blocks % threads == 0 && (r1 - r0) * tg.k_all() * int64_t(sizeof(float)) <= l2_cache_bytes() / 2) {
+    at::parallel_for(0, blocks, 1, [&](int64_t cb0, int64_t cb1) {
+      tg.pack(cb0, cb1);
+      tg.rows(r0, r1, epi, nullptr, cb0, cb1);
+    });
+    return;
+  }
+  tg.pack_all();
+  tile_rows_parallel(r0, r1, tg.k_all(), n, [&](int64_t i0, int64_t i1) { tg.rows(i0, i1, epi); });
+}
+
 // out = act(x · Wᵀ + b) (and preact = the pre-activation) by the tile GEMM, the epilogue on its
 // registers.
 template <Activation A>
 void forward_tiles(const float* x, const float* w, const float* b, float* out, float* preact, int64_t m, int64_t k,
                    int64_t n, float a) {
   using V = at::vec::Vectorized<float>;
-  const TileGemm tg({{x, k, w, k, k}}, n);
+  TileGemm tg({{x, k, w, k, k}}, n);
   const auto epi = [=](int64_t i, int64_t j, V acc, int count) {
     const V z = b != nullptr ? acc + V::loadu(b + j, count) : acc;
     if (preact != nullptr) z.store(preact + i * n + j, count);
     Act<A>::template forward<V, VecMath>(z, V(a)).store(out + i * n + j, count);
   };
-  tile_rows_parallel(0, m, k, n, [&](int64_t i0, int64_t i1) { tg.rows(i0, i1, epi); });
+  tiles_parallel(tg, 0, m, n, epi);
 }
 
 template <typename T, Activation A>
@@ -368,7 +388,10 @@ void backward_kernel(const T* g, const T* x, const T* w, const T* b, const T* y,
   // dx = dz · W by the tile GEMM (float): A is each panel's dz, given per call.
   std::optional<TileGemm> dx_tiles;
   if constexpr (std::is_same_v<T, float> && kHaveTileGemm) {
-    if (dx != nullptr && use_tile_gemm(m, n)) dx_tiles.emplace(std::initializer_list<TileTerm>{{dz_store, n, w, k, n, /*b_trans=*/true}}, k);
+    if (dx != nullptr && use_tile_gemm(m, n)) {
+      dx_tiles.emplace(std::initializer_list<TileTerm>{{dz_store, n, w, k, n, /*b_trans=*/true}}, k);
+      dx_tiles->pack_all();
+    }
   }
 
   at::parallel_for(0, panels, panel_grain(rows, k, n), [&](int64_t p0, int64_t p1) {
@@ -444,15 +467,17 @@ void tangent_kernel(const T* x, const T* w, const T* b, const T* x_t, const T* w
     // recomputed into out by a tile GEMM of its own just before, tile by tile.
     if (sign_mask == nullptr && use_tile_gemm(m, 2 * k)) {
       using V = at::vec::Vectorized<float>;
-      const TileGemm tg({{x_t, k, w, k, k}, {x, k, w_t, k, k}}, n);
+      TileGemm tg({{x_t, k, w, k, k}, {x, k, w_t, k, k}}, n);
       const auto tangent = [=](int64_t i, int64_t j, V acc, int count) {
         const V t = b_t != nullptr ? acc + V::loadu(b_t + j, count) : acc;
         const V d1 = y != nullptr ? grad_from_saved<A, V, VecMath>(V::loadu(y + i * n + j, count), V(a))
                                   : Act<A>::template grad_from_preact<V, VecMath>(V::loadu(out + i * n + j, count), V(a));
         (t * d1).store(out + i * n + j, count);
       };
-      if (y != nullptr) return tile_rows_parallel(0, m, 2 * k, n, [&](int64_t i0, int64_t i1) { tg.rows(i0, i1, tangent); });
-      const TileGemm z_tg({{x, k, w, k, k}}, n);
+      if (y != nullptr) return tiles_parallel(tg, 0, m, n, tangent);
+      TileGemm z_tg({{x, k, w, k, k}}, n);
+      tg.pack_all();
+      z_tg.pack_all();
       const auto preact = [=](int64_t i, int64_t j, V acc, int count) {
         (b != nullptr ? acc + V::loadu(b + j, count) : acc).store(out + i * n + j, count);
       };
@@ -516,7 +541,7 @@ void bwd_bwd_kernel(const T* g, const T* x, const T* w, const T* b, const T* y, 
     if constexpr (std::is_same_v<T, float> && kHaveTileGemm) {
       if (tiles) {
         using V = at::vec::Vectorized<float>;
-        const TileGemm tg({{ggx, k, w, k, k}, {x, k, ggw, k, k}}, n);
+        TileGemm tg({{ggx, k, w, k, k}, {x, k, ggw, k, k}}, n);
         const auto epi = [&](int64_t i, int64_t j, V acc, int count) {
           const int64_t at = i * n + j, at_c = at - c0 * n;
           const V tv = ggb != nullptr ? acc + V::loadu(ggb + j, count) : acc;
@@ -535,7 +560,7 @@ void bwd_bwd_kernel(const T* g, const T* x, const T* w, const T* b, const T* y, 
           }
           if (g_x != nullptr || g_w != nullptr) (gv * d1).store(dz + at_c, count);
         };
-        tile_rows_parallel(c0, c0 + r, 2 * k, n, [&](int64_t i0, int64_t i1) { tg.rows(i0, i1, epi); });
+        tiles_parallel(tg, c0, c0 + r, n, epi);
       }
     }
     if (!tiles) {

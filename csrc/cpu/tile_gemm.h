@@ -7,8 +7,9 @@
 // The micro-kernel keeps a kTileRows x (kTileVecs vectors) block of C in registers (AVX-512:
 // 6 x 64 floats in 24 of the 32 zmm registers; AVX2: 6 x 16 in 12 of 16 ymm, BLIS's shapes for
 // Zen and Haswell), broadcasts one element of A per row and k, and reads B from a copy packed per
-// block of columns, k-major and zero-padded to whole blocks (packed once per call, shared by all
-// threads). A is read in place, one pointer per row; the last block of rows repeats its last row
+// block of columns, k-major and zero-padded to whole blocks (packed per call by pack() or
+// pack_all(); kernels_impl.h's tiles_parallel has each thread pack the blocks it reads where it
+// can). A is read in place, one pointer per row; the last block of rows repeats its last row
 // rather than reading past the end, and stores only the rows that exist.
 //
 // InPlaceTileGemm reads B where it lies instead, for B stored k-major (b_trans: a row of W for
@@ -28,6 +29,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace fused_backprop::cpu::CPU_CAPABILITY {
@@ -89,12 +91,35 @@ class TileGemmOf {
     // over them (B's blocks come from L2 or L3 once per group, not once per tile).
     const int64_t fit = l2_cache_bytes() / 4 / std::max<int64_t>(1, k_all_ * int64_t(sizeof(float)));
     group_rows_ = std::max<int64_t>(1, fit / kTileRows) * kTileRows;
-    if constexpr (kPacked) {
-      packed_.resize(blocks_ * k_all_ * kBlockCols);
-      at::parallel_for(0, blocks_, std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, k_all_ * kBlockCols)),
-                       [&](int64_t cb0, int64_t cb1) { pack(cb0, cb1); });
+    if constexpr (kPacked) packed_.resize(blocks_ * k_all_ * kBlockCols);  // packed by pack() / pack_all()
+  }
+
+  // Packs B's column blocks [cb0, cb1): TileGemm's rows() reads only blocks packed before.
+  void pack(int64_t cb0, int64_t cb1) {
+    for (int64_t cb = cb0; cb < cb1; ++cb) {
+      float* dst = block(cb);
+      const int64_t j0 = cb * kBlockCols, cols = std::min(kBlockCols, n_ - j0);
+      for (const TileTerm& t : terms_) {
+        if (t.b_trans) {
+          for (int64_t kk = 0; kk < t.k; ++kk) std::memcpy(dst + kk * kBlockCols, t.b + kk * t.ldb + j0, cols * sizeof(float));
+        } else {
+          transpose_into(t.b + j0 * t.ldb, t.ldb, dst, cols, t.k);
+        }
+        for (int64_t kk = 0; cols < kBlockCols && kk < t.k; ++kk) {
+          std::fill(dst + kk * kBlockCols + cols, dst + (kk + 1) * kBlockCols, 0.f);
+        }
+        dst += t.k * kBlockCols;
+      }
     }
   }
+
+  // Packs every column block, on all threads.
+  void pack_all() {
+    at::parallel_for(0, blocks_, std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(1, k_all_ * kBlockCols)),
+                     [&](int64_t cb0, int64_t cb1) { pack(cb0, cb1); });
+  }
+
+  int64_t k_all() const { return k_all_; }
 
   // Whether B, packed, has its column blocks within half of L2 (the tile GEMM's condition).
   static bool fits(int64_t k_all) { return k_all * kBlockCols * int64_t(sizeof(float)) <= l2_cache_bytes() / 2; }
@@ -127,18 +152,41 @@ class TileGemmOf {
   }
 
  private:
-  void pack(int64_t cb0, int64_t cb1) {
-    for (int64_t cb = cb0; cb < cb1; ++cb) {
-      float* dst = block(cb);
-      const int64_t j0 = cb * kBlockCols, cols = std::min(kBlockCols, n_ - j0);
-      for (const TileTerm& t : terms_) {
-        for (int64_t j = 0; j < kBlockCols; ++j) {
-          for (int64_t kk = 0; kk < t.k; ++kk) {
-            dst[kk * kBlockCols + j] = j >= cols ? 0.f : t.b_trans ? t.b[kk * t.ldb + j0 + j] : t.b[(j0 + j) * t.ldb + kk];
-          }
-        }
-        dst += t.k * kBlockCols;
+  // dst[kk * kBlockCols + j] = src[j * ld + kk] for j < rows, kk < k: rows of B into a packed
+  // block's columns, 8 x 8 elements at a time in registers (element by element, the packing took
+  // 4 % of a 512x256x256 forward on AMD EPYC Zen 4; at::vec's transpose_mxn for AVX-512, which
+  // zeroes a 1 KiB stack buffer per 16 x 16 block, 14 %).
+  static void transpose_into(const float* src, int64_t ld, float* dst, int64_t rows, int64_t k) {
+    int64_t j = 0;
+    for (; j + 8 <= rows; j += 8) {
+      int64_t kk = 0;
+      for (; kk + 8 <= k; kk += 8) transpose8x8(src + j * ld + kk, ld, dst + kk * kBlockCols + j, kBlockCols);
+      for (; kk < k; ++kk) {
+        for (int64_t r = j; r < j + 8; ++r) dst[kk * kBlockCols + r] = src[r * ld + kk];
       }
+    }
+    for (; j < rows; ++j) {
+      for (int64_t kk = 0; kk < k; ++kk) dst[kk * kBlockCols + j] = src[j * ld + kk];
+    }
+  }
+
+  // dst[c * ldd + r] = src[r * ld + c] for r, c < 8.
+  static void transpose8x8(const float* src, int64_t ld, float* dst, int64_t ldd) {
+    __m256 r[8], t[8];
+    for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * ld);
+    for (int i = 0; i < 8; i += 2) {  // t[i], t[i + 1]: rows i, i + 1 interleaved (lo, hi pairs of each lane)
+      t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+      t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 8; i += 4) {  // r[i + c]: column c of rows i .. i + 3, per 128-bit lane
+      r[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+      r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+      r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+      r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+    }
+    for (int c = 0; c < 4; ++c) {
+      _mm256_storeu_ps(dst + c * ldd, _mm256_permute2f128_ps(r[c], r[c + 4], 0x20));
+      _mm256_storeu_ps(dst + (c + 4) * ldd, _mm256_permute2f128_ps(r[c], r[c + 4], 0x31));
     }
   }
 
@@ -146,9 +194,12 @@ class TileGemmOf {
   float* block(int64_t cb) { return packed_.data() + cb * k_all_ * kBlockCols; }
 
   // The tile of rows [i0, i0 + rows) and column block cb, R rows of accumulators (R > rows: the
-  // last row repeated); a0: the first term's A at row i0, or null.
+  // last row repeated); a0: the first term's A at row i0, or null. Never inlined: inlined into a
+  // caller (forward_tiles, where at::parallel_for runs its body on the calling thread, as with one
+  // thread) GCC kept the accumulators on the stack, a store per FMA (256x256x256 forward on one
+  // AMD EPYC Zen 4 core: 874 us, against MKL's 340).
   template <int R, typename Epi>
-  void tile(int64_t i0, int64_t rows, int64_t cb, const Epi& epi, const float* a0) const {
+  __attribute__((noinline)) void tile(int64_t i0, int64_t rows, int64_t cb, const Epi& epi, const float* a0) const {
     constexpr int W = V::size();
     V acc[R][kTileVecs];
     for (int r = 0; r < R; ++r) {
