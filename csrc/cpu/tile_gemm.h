@@ -158,6 +158,7 @@ class TileGemmOf {
   // zeroes a 1 KiB stack buffer per 16 x 16 block, 14 %).
   static void transpose_into(const float* src, int64_t ld, float* dst, int64_t rows, int64_t k) {
     int64_t j = 0;
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
     for (; j + 8 <= rows; j += 8) {
       int64_t kk = 0;
       for (; kk + 8 <= k; kk += 8) transpose8x8(src + j * ld + kk, ld, dst + kk * kBlockCols + j, kBlockCols);
@@ -165,12 +166,14 @@ class TileGemmOf {
         for (int64_t r = j; r < j + 8; ++r) dst[kk * kBlockCols + r] = src[r * ld + kk];
       }
     }
+#endif
     for (; j < rows; ++j) {
       for (int64_t kk = 0; kk < k; ++kk) dst[kk * kBlockCols + j] = src[j * ld + kk];
     }
   }
 
-  // dst[c * ldd + r] = src[r * ld + c] for r, c < 8.
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  // dst[c * ldd + r] = src[r * ld + c] for r, c < 8 (AVX: the levels with a tile GEMM).
   static void transpose8x8(const float* src, int64_t ld, float* dst, int64_t ldd) {
     __m256 r[8], t[8];
     for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * ld);
@@ -189,6 +192,7 @@ class TileGemmOf {
       _mm256_storeu_ps(dst + (c + 4) * ldd, _mm256_permute2f128_ps(r[c], r[c + 4], 0x31));
     }
   }
+#endif
 
   const float* block(int64_t cb) const { return packed_.data() + cb * k_all_ * kBlockCols; }
   float* block(int64_t cb) { return packed_.data() + cb * k_all_ * kBlockCols; }
